@@ -1,0 +1,35 @@
+# Two commands: `make run` (the whole pipeline) and `make test` (lint + test suite).
+# Both create .venv from the pinned requirements first, once.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# Stages call `python`, `dvc` and (when serving) `uvicorn` from the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test lint format clean-outputs
+
+run: $(INSTALLED)
+	dvc repro
+
+test: $(INSTALLED) lint
+	pytest
+
+lint: $(INSTALLED)
+	ruff check src tests
+	ruff format --check src tests
+
+format: $(INSTALLED)
+	ruff check --fix src tests
+	ruff format src tests
+
+$(INSTALLED): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
+	touch $@
+
+# Removes pipeline outputs and the local MLflow store (not the venv).
+clean-outputs:
+	rm -rf data/prepared models tuning evaluation reports mlflow.db mlartifacts

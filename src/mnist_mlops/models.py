@@ -1,0 +1,193 @@
+"""One model builder for every stage, and the Keras Tuner search space that samples its arguments.
+
+`build_model` is plain Keras 3 (no backend calls), so the same code trains on TensorFlow here and
+on JAX on a GPU machine. Models take float32 images `[N, 28, 28, 1]` scaled to [0, 1] and return
+ten softmax probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import keras
+import keras_tuner as kt
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+POOL_SIZE = 2
+
+# The reference projects' baseline CNN: conv32 -> pool -> conv64 -> pool -> dense128 -> softmax.
+BASELINE_ARCHITECTURE: dict[str, Any] = {
+    "family": "cnn",
+    "conv_filters": (32, 64),
+    "kernel_size": 3,
+    "padding": "valid",
+    "batch_norm": False,
+    "dropout": 0.0,
+    "dense_units": (128,),
+}
+
+
+def build_model(
+    *,
+    family: Literal["cnn", "mlp"] = "cnn",
+    conv_filters: Sequence[int] = (32, 64),
+    kernel_size: int = 3,
+    padding: Literal["valid", "same"] = "same",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    dense_units: Sequence[int] = (128,),
+    optimizer: Literal["adam", "sgd"] = "adam",
+    learning_rate: float = 1e-3,
+    decay_steps: int | None = None,
+    augment: bool = False,
+    seed: int | None = None,
+) -> keras.Model:
+    """Build and compile a classifier.
+
+    family="cnn": one block per entry of `conv_filters` (conv [-> batch norm] -> relu -> 2x2 max
+    pool), then the dense head. family="mlp": the dense head alone on the flattened image.
+    `decay_steps` turns the constant learning rate into a cosine decay over that many steps;
+    `augment` adds random small rotations, shifts and zoom that are active only in training.
+    """
+    if family not in ("cnn", "mlp"):
+        raise ValueError(f"family must be 'cnn' or 'mlp', got {family!r}")
+    if family == "cnn":
+        _check_conv_shapes(conv_filters, kernel_size, padding)
+    inputs = keras.Input(shape=INPUT_SHAPE, name="image")
+    x = _augmentation(seed)(inputs) if augment else inputs
+    if family == "cnn":
+        for i, filters in enumerate(conv_filters):
+            x = keras.layers.Conv2D(
+                filters, kernel_size, padding=padding, use_bias=not batch_norm, name=f"conv_{i}"
+            )(x)
+            if batch_norm:
+                x = keras.layers.BatchNormalization(name=f"conv_{i}_bn")(x)
+            x = keras.layers.Activation("relu", name=f"conv_{i}_relu")(x)
+            x = keras.layers.MaxPooling2D(POOL_SIZE, name=f"pool_{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(dense_units):
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, seed=seed, name=f"dropout_{i}")(x)
+        x = keras.layers.Dense(units, use_bias=not batch_norm, name=f"dense_{i}")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"dense_{i}_bn")(x)
+        x = keras.layers.Activation("relu", name=f"dense_{i}_relu")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, seed=seed, name="dropout_out")(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=f"mnist_{family}")
+    model.compile(
+        optimizer=_optimizer(optimizer, learning_rate, decay_steps),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _check_conv_shapes(conv_filters: Sequence[int], kernel_size: int, padding: str) -> None:
+    """Refuse architectures whose feature maps would shrink to nothing before the dense head."""
+    if not conv_filters:
+        raise ValueError("a CNN needs at least one conv block")
+    size = INPUT_SHAPE[0]
+    for i in range(len(conv_filters)):
+        if padding == "valid":
+            size -= kernel_size - 1
+        size //= POOL_SIZE
+        if size < 1:
+            raise ValueError(
+                f"conv block {i} shrinks the {INPUT_SHAPE[0]}x{INPUT_SHAPE[1]} input to nothing "
+                f"({len(conv_filters)} blocks, kernel {kernel_size}, padding {padding!r})"
+            )
+
+
+def _augmentation(seed: int | None) -> keras.Sequential:
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
+        ],
+        name="augmentation",
+    )
+
+
+def _optimizer(name: str, learning_rate: float, decay_steps: int | None) -> keras.Optimizer:
+    schedule = (
+        keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
+        if decay_steps
+        else learning_rate
+    )
+    if name == "adam":
+        return keras.optimizers.Adam(schedule)
+    if name == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def sample_architecture(hp: kt.HyperParameters) -> dict[str, Any]:
+    """The search space: draw `build_model` arguments from `hp`.
+
+    Hyperparameters that only make sense for some choices live in conditional scopes, so a trial
+    records only the ones that shaped its model. Each optimizer owns its learning-rate name
+    because Keras Tuner keeps the first range registered under a name.
+    """
+    family = hp.Choice("family", ["cnn", "mlp"], default="cnn")
+    architecture: dict[str, Any] = {
+        "family": family,
+        "padding": "same",  # so three 5x5 blocks still leave a 3x3 map
+        "batch_norm": hp.Boolean("batch_norm", default=True),
+        "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.2),
+    }
+    if family == "cnn":
+        with hp.conditional_scope("family", ["cnn"]):
+            blocks = hp.Int("conv_blocks", 1, 3, default=2)
+            architecture["conv_filters"] = tuple(_filters(hp, i) for i in range(blocks))
+            architecture["kernel_size"] = hp.Choice("kernel_size", [3, 5], default=3)
+            architecture["dense_units"] = (hp.Int("dense_units", 64, 512, step=64, default=128),)
+    else:
+        with hp.conditional_scope("family", ["mlp"]):
+            layers = hp.Int("mlp_layers", 1, 3, default=2)
+            architecture["dense_units"] = tuple(_mlp_units(hp, i) for i in range(layers))
+    optimizer = hp.Choice("optimizer", ["adam", "sgd"], default="adam")
+    architecture["optimizer"] = optimizer
+    with hp.conditional_scope("optimizer", [optimizer]):
+        if optimizer == "adam":
+            architecture["learning_rate"] = hp.Float(
+                "adam_learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3
+            )
+        else:
+            architecture["learning_rate"] = hp.Float(
+                "sgd_learning_rate", 1e-3, 1e-1, sampling="log", default=1e-2
+            )
+    return architecture
+
+
+def _filters(hp: kt.HyperParameters, block: int) -> int:
+    # Active only where conv_blocks > block, so a 1-block trial records no filters_1.
+    with hp.conditional_scope("conv_blocks", list(range(block + 1, 4))):
+        return hp.Int(f"filters_{block}", 16, 128, step=16, default=32 * 2**block)
+
+
+def _mlp_units(hp: kt.HyperParameters, layer: int) -> int:
+    with hp.conditional_scope("mlp_layers", list(range(layer + 1, 4))):
+        return hp.Int(f"mlp_units_{layer}", 64, 512, step=64, default=256)
+
+
+def sample_batch_size(hp: kt.HyperParameters) -> int:
+    return hp.Choice("batch_size", [32, 64, 128, 256], default=128)
+
+
+class MnistHyperModel(kt.HyperModel):
+    """Keras Tuner's view of `build_model`: sample the architecture and batch size, then build."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(name="mnist")
+        self.seed = seed
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        return build_model(**sample_architecture(hp), seed=self.seed)
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        return model.fit(*args, batch_size=sample_batch_size(hp), **kwargs)

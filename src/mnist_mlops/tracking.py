@@ -1,0 +1,199 @@
+"""MLflow setup, owned here and nowhere else: store location, stage runs, epoch metrics, models.
+
+Every stage opens exactly one run through `stage_run`. The run is named after the stage, carries
+the stage's resolved params and the tags that tie it to its code and to the other stage runs of
+the same `dvc repro` (`pipeline_run_id`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import psutil
+from mlflow.entities import Metric
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from mnist_mlops.config import Params
+
+_EXPS_TEMP_DIR = Path(".dvc") / "tmp" / "exps"
+# Requirements recorded with logged models; listing them avoids mlflow's ~10 s dependency probe.
+_MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy", "pillow")
+
+
+def project_root() -> Path:
+    """The repository the user works in, also when DVC runs a stage in a temporary copy.
+
+    `dvc exp run --temp` executes in `<repo>/.dvc/tmp/exps/<name>/`; results must still land in
+    the user's store, not in a copy that DVC deletes afterwards.
+    """
+    root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
+    parts = root.parts
+    marker = _EXPS_TEMP_DIR.parts
+    for i in range(len(parts) - len(marker) + 1):
+        if parts[i : i + len(marker)] == marker:
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else an absolute sqlite store at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def configure() -> None:
+    mlflow.set_tracking_uri(tracking_uri())
+
+
+def experiment(name: str) -> str:
+    """The id of experiment `name`, created on first use.
+
+    With a sqlite store, artifacts go to `mlartifacts/` beside the database rather than to
+    MLflow's default `./mlartifacts` under whatever directory the stage happens to run in.
+    """
+    client = MlflowClient()
+    if existing := client.get_experiment_by_name(name):
+        return existing.experiment_id
+    uri = tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """{'epochs': 3} under 'baseline' -> {'baseline.epochs': 3}, recursing into mappings."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(name, value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=project_root(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def pipeline_run_id() -> str:
+    """An id shared by the stage runs of one `dvc repro` (each stage is its own process).
+
+    PIPELINE_RUN_ID wins when set. Otherwise the id derives from the `dvc` process that spawned
+    this stage, so all stages of one repro agree; a stage run by hand gets an id of its own.
+    """
+    if explicit := os.environ.get("PIPELINE_RUN_ID"):
+        return explicit
+    for parent in psutil.Process().parents():
+        try:
+            # `dvc ...` or `python .../bin/dvc ...`
+            if any(Path(arg).name == "dvc" for arg in parent.cmdline()[:2]):
+                return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{parent.pid}-{parent.create_time()}"))
+        except psutil.Error:
+            continue
+    return str(uuid.uuid4())
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    sections: tuple[str, ...],
+    resume_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open the stage's MLflow run, logging `seed` and the given params sections.
+
+    Under `mlflow run`, MLFLOW_RUN_ID names the project run: the stage nests under it instead of
+    resuming it, so `-e main` shows one parent with five stage children. `resume_run_id`
+    reopens an interrupted run of this stage instead of starting a new one.
+    """
+    configure()
+    parent_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if parent_id:
+        experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
+    else:
+        experiment_id = experiment(params.mlflow.experiment)
+    tags = {
+        "stage": stage,
+        "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "git_commit": git_commit(),
+        "pipeline_run_id": pipeline_run_id(),
+    }
+    if resume_run_id:
+        started = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tags(tags)
+    else:
+        started = mlflow.start_run(
+            run_name=stage, experiment_id=experiment_id, parent_run_id=parent_id, tags=tags
+        )
+    with started as run:
+        logged = {"seed": params.seed}
+        for section in sections:
+            logged |= flatten(section, params.section(section))
+        mlflow.log_params(logged)
+        print(f"[{stage}] MLflow run {run.info.run_id} in {tracking_uri()}", file=sys.stderr)
+        yield run
+
+
+class EpochMetricsLogger(keras.callbacks.Callback):
+    """Sends every epoch's logs (loss, accuracy, val_*) to one run as step-indexed histories.
+
+    Takes an explicit run id, so a Keras Tuner trial logs into its own nested run while the
+    tune stage's run stays the active one.
+    """
+
+    def __init__(self, run_id: str, prefix: str = "") -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.prefix = prefix
+        self.client = MlflowClient()
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        timestamp = mlflow.utils.time.get_current_time_millis()
+        metrics = [
+            Metric(f"{self.prefix}{key}", float(value), timestamp, epoch)
+            for key, value in (logs or {}).items()
+            if np.isscalar(value) or np.ndim(value) == 0
+        ]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+
+def model_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in _MODEL_REQUIREMENTS]
+
+
+def log_keras_model(
+    model: keras.Model, example: np.ndarray, registered_model_name: str | None = None
+) -> mlflow.models.model.ModelInfo:
+    """Log a Keras model with a signature inferred from `example` (a few model inputs)."""
+    # input_example= crashes on mlflow 3.17 (mlflow#16183); the signature documents the input.
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
+    return mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=signature,
+        pip_requirements=model_requirements(),
+        registered_model_name=registered_model_name,
+    )

@@ -1,0 +1,99 @@
+"""What the training stages share: seeding, model inputs, fitting, saving a model and config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from mnist_mlops.errors import PipelineError
+
+PIXEL_MAX = 255.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the backend, and ask the backend for deterministic kernels.
+
+    With the same seed and data, a re-run gives the same weights and metrics, which is what lets
+    `dvc repro` skip unchanged stages without losing anything.
+    """
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # only the TF backend needs (and has) this switch
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 images [N, 28, 28] -> float32 [N, 28, 28, 1] in [0, 1], the models' input."""
+    return (images.astype(np.float32) / PIXEL_MAX)[..., np.newaxis]
+
+
+def fit(
+    model: keras.Model,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    callbacks: list[keras.callbacks.Callback],
+) -> dict[str, list[float]]:
+    """Train on uint8 image arrays; return the per-epoch history."""
+    history = model.fit(
+        to_model_input(train[0]),
+        train[1],
+        validation_data=(to_model_input(val[0]), val[1]) if val is not None else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        callbacks=callbacks,
+        verbose=2 if os.environ.get("CI") else 1,
+    )
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def save_model(
+    model: keras.Model,
+    directory: Path,
+    config: dict[str, Any],
+    history: dict[str, list[float]],
+) -> None:
+    """Write `model.keras` with the resolved `config.json` it was trained with, and its history.
+
+    history.json holds one row per epoch (`[{"epoch": 1, "loss": ..}, ..]`), the layout
+    `dvc plots` reads.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / "model.keras")
+    write_json(directory / "config.json", config)
+    epochs = len(history["loss"])
+    rows = [
+        {"epoch": i + 1, **{key: values[i] for key, values in history.items()}}
+        for i in range(epochs)
+    ]
+    write_json(directory / "history.json", rows)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically, so a crash never leaves a half-written hand-over file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path, produced_by: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{path}: not found; run the {produced_by} stage first (dvc repro {produced_by})"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise PipelineError(
+            f"{path}: not valid JSON ({err}); re-run dvc repro {produced_by}"
+        ) from None

@@ -1,0 +1,294 @@
+"""Keras Tuner searches that log every trial to MLflow as a nested run, and resume after a crash.
+
+Keras Tuner has no MLflow integration (keras-tuner#494). `MlflowTrialsMixin` hooks the tuner's
+trial life cycle: each trial opens a child run of the tune stage's run, streams its epoch
+metrics there while it trains, and closes it with the trial's status, score, epochs and cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mnist_mlops import models
+from mnist_mlops.config import TuneParams
+from mnist_mlops.tracking import EpochMetricsLogger
+
+OBJECTIVE = "val_accuracy"
+PROJECT = "search"
+STATE_FILE = "search.json"
+# Keras Tuner's own "tuner/..." values: Hyperband's bookkeeping, not hyperparameters.
+TUNER_KEYS = "tuner/"
+_RUN_STATUS = {"COMPLETED": "FINISHED", "FAILED": "FAILED", "INVALID": "FAILED"}
+
+
+class MlflowTrialsMixin:
+    """Mixed into a Keras Tuner tuner class; `parent_run_id` is the tune stage's run."""
+
+    parent_run_id: str
+    expected_trials: int | None
+
+    def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
+        super().on_trial_begin(trial)  # type: ignore[misc]
+        client = MlflowClient()
+        parent = client.get_run(self.parent_run_id)
+        number = int(trial.trial_id) + 1
+        run = client.create_run(
+            parent.info.experiment_id,
+            run_name=f"trial_{trial.trial_id}",
+            tags={
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                "stage": "tune",
+                "trial_id": trial.trial_id,
+                "pipeline_run_id": parent.data.tags.get("pipeline_run_id", ""),
+                **_hyperband_tags(trial.hyperparameters.values),
+            },
+        )
+        params = active_hyperparameters(trial.hyperparameters)
+        client.log_batch(
+            run.info.run_id,
+            params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
+        )
+        trial.mlflow_run_id = run.info.run_id
+        trial.started_at = time.monotonic()
+        total = f"/{self.expected_trials}" if self.expected_trials else ""
+        print(f"[tune] trial {number}{total}: {json.dumps(params)}", file=sys.stderr)
+
+    def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
+        callbacks = [*kwargs.pop("callbacks", []), EpochMetricsLogger(trial.mlflow_run_id)]
+        return super().run_trial(trial, *args, callbacks=callbacks, **kwargs)  # type: ignore[misc]
+
+    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        try:
+            super().on_trial_end(trial)  # type: ignore[misc]
+        finally:
+            # The oracle owns the final status (it turns retries-exhausted INVALID into FAILED).
+            ended = self.oracle.trials[trial.trial_id]  # type: ignore[attr-defined]
+            _close_trial_run(trial.mlflow_run_id, ended, time.monotonic() - trial.started_at)
+
+
+def _close_trial_run(run_id: str, trial: kt.engine.trial.Trial, seconds: float) -> None:
+    client = MlflowClient()
+    status = str(trial.status)
+    epochs_run = len(client.get_metric_history(run_id, "loss"))
+    metrics = {"wall_seconds": seconds, "epochs_run": epochs_run}
+    if trial.score is not None and math.isfinite(trial.score):
+        metrics[f"final_{OBJECTIVE}"] = trial.score
+    now = mlflow.utils.time.get_current_time_millis()
+    client.log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[mlflow.entities.RunTag("trial_status", status)],
+    )
+    if trial.message:
+        client.set_tag(run_id, "error", trial.message.strip().splitlines()[-1][:4000])
+        client.log_text(run_id, trial.message, "error.txt")
+    client.set_terminated(run_id, _RUN_STATUS.get(status, "FAILED"))
+
+
+def _hyperband_tags(values: dict[str, Any]) -> dict[str, str]:
+    keys = {
+        "tuner/bracket": "hyperband_bracket",
+        "tuner/round": "hyperband_round",
+        "tuner/epochs": "hyperband_epochs",
+        "tuner/initial_epoch": "hyperband_initial_epoch",
+        "tuner/trial_id": "continues_trial",
+    }
+    return {tag: str(values[key]) for key, tag in keys.items() if key in values}
+
+
+def active_hyperparameters(hp: kt.HyperParameters) -> dict[str, Any]:
+    """The values that shaped this trial's model: conditional ones only where active."""
+    return {
+        name: value
+        for name, value in hp.values.items()
+        if not name.startswith(TUNER_KEYS) and hp.is_active(name)
+    }
+
+
+class RandomSearch(MlflowTrialsMixin, kt.RandomSearch):
+    pass
+
+
+class Hyperband(MlflowTrialsMixin, kt.Hyperband):
+    pass
+
+
+class BayesianOptimization(MlflowTrialsMixin, kt.BayesianOptimization):
+    pass
+
+
+def make_tuner(
+    params: TuneParams, seed: int, state_dir: Path, parent_run_id: str
+) -> MlflowTrialsMixin:
+    """The tuner named in params, keeping its oracle state under `state_dir` for resumes."""
+    common: dict[str, Any] = {
+        "hypermodel": models.MnistHyperModel(seed),
+        "objective": OBJECTIVE,
+        "executions_per_trial": params.executions_per_trial,
+        "seed": seed,
+        "directory": str(state_dir),
+        "project_name": PROJECT,
+        "overwrite": False,
+        # Failed trials are logged and skipped; the stage fails only if none completes.
+        "max_consecutive_failed_trials": sys.maxsize,
+    }
+    if params.tuner == "random":
+        tuner = RandomSearch(max_trials=params.max_trials, **common)
+        expected = params.max_trials
+    elif params.tuner == "bayesian":
+        tuner = BayesianOptimization(
+            max_trials=params.max_trials, num_initial_points=params.initial_points, **common
+        )
+        expected = params.max_trials
+    else:
+        tuner = Hyperband(
+            max_epochs=params.max_epochs,
+            factor=params.factor,
+            hyperband_iterations=params.hyperband_iterations,
+            **common,
+        )
+        expected = _hyperband_trials(tuner.oracle) * params.hyperband_iterations
+    tuner.parent_run_id = parent_run_id
+    tuner.expected_trials = expected
+    return tuner
+
+
+def _hyperband_trials(oracle: Any) -> int:
+    """How many trials one Hyperband iteration runs (the oracle's own bracket arithmetic)."""
+    return sum(
+        oracle._get_size(bracket, round_num)
+        for bracket in range(oracle._get_num_brackets())
+        for round_num in range(oracle._get_num_rounds(bracket))
+    )
+
+
+def search_fingerprint(params: TuneParams, seed: int, data_digest: str) -> str:
+    """What the saved oracle state depends on: budget, tuner, seed, data and the space's code.
+
+    Any change starts a fresh search instead of silently continuing an incompatible one.
+    """
+    space_code = "".join(
+        inspect.getsource(fn)
+        for fn in (
+            models.sample_architecture,
+            models._filters,
+            models._mlp_units,
+            models.sample_batch_size,
+        )
+    )
+    payload = json.dumps(
+        {
+            "tune": params.model_dump(),
+            "seed": seed,
+            "data": data_digest,
+            "space": space_code,
+            "keras_tuner": kt.__version__,
+            "backend": keras.backend.backend(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def resumable_run_id(state_dir: Path, fingerprint: str) -> str | None:
+    """The tune run of an interrupted search with the same fingerprint, else None.
+
+    Any other saved state (finished, or for other params or data) is wiped, so the search
+    starts fresh.
+    """
+    state_file = state_dir / STATE_FILE
+    run_id = None
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") == fingerprint and not state.get("finished"):
+            run_id = state["run_id"]
+            try:
+                status = MlflowClient().get_run(run_id).info.status
+            except mlflow.exceptions.MlflowException:
+                status = None  # the store was reset: the old trials' runs are gone
+            if status in (None, "FINISHED"):
+                run_id = None
+        if run_id is None:
+            print(f"[tune] discarding saved search state in {state_dir}", file=sys.stderr)
+    if run_id is None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return run_id
+
+
+def save_state(state_dir: Path, fingerprint: str, run_id: str, finished: bool) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": fingerprint, "run_id": run_id, "finished": finished}
+    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def kill_orphaned_trial_runs(parent_run_id: str) -> int:
+    """Mark trial runs left RUNNING by a killed search as KILLED; return how many."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    orphans = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for run in orphans:
+        client.set_tag(run.info.run_id, "trial_status", "KILLED")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return len(orphans)
+
+
+def trials_table(tuner: kt.Tuner) -> list[dict[str, Any]]:
+    """One row per trial in the order they ran: id, status, score, active hyperparameters."""
+    rows = []
+    for trial_id, trial in sorted(tuner.oracle.trials.items(), key=lambda item: int(item[0])):
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": str(trial.status),
+                OBJECTIVE: trial.score,
+                **active_hyperparameters(trial.hyperparameters),
+            }
+        )
+    return rows
+
+
+def best_configuration(tuner: kt.Tuner) -> dict[str, Any]:
+    """The hand-over to retrain: the best trial's hyperparameters and the builder arguments."""
+    completed = [t for t in tuner.oracle.trials.values() if str(t.status) == "COMPLETED"]
+    if not completed:
+        statuses = sorted({str(t.status) for t in tuner.oracle.trials.values()})
+        first_error = next(
+            (t.message.strip().splitlines()[-1] for t in tuner.oracle.trials.values() if t.message),
+            "no error recorded",
+        )
+        raise SearchFailedError(
+            f"no trial completed ({len(tuner.oracle.trials)} trials, statuses {statuses}); "
+            f"first error: {first_error}"
+        )
+    best = tuner.oracle.get_best_trials(1)[0]
+    hp = best.hyperparameters.copy()
+    return {
+        "trial_id": best.trial_id,
+        OBJECTIVE: best.score,
+        "hyperparameters": active_hyperparameters(hp),
+        "architecture": models.sample_architecture(hp),
+        "batch_size": models.sample_batch_size(hp),
+    }
+
+
+class SearchFailedError(RuntimeError):
+    """Every trial of a search failed."""

@@ -33,6 +33,7 @@ def build_model(
     *,
     family: Literal["cnn", "mlp"] = "cnn",
     conv_filters: Sequence[int] = (32, 64),
+    convs_per_block: int = 1,
     kernel_size: int = 3,
     padding: Literal["valid", "same"] = "same",
     batch_norm: bool = False,
@@ -46,25 +47,28 @@ def build_model(
 ) -> keras.Model:
     """Build and compile a classifier.
 
-    family="cnn": one block per entry of `conv_filters` (conv [-> batch norm] -> relu -> 2x2 max
-    pool), then the dense head. family="mlp": the dense head alone on the flattened image.
+    family="cnn": one block per entry of `conv_filters` (`convs_per_block` times conv [-> batch
+    norm] -> relu, then 2x2 max pool), then the dense head. family="mlp": the dense head alone
+    on the flattened image.
     `decay_steps` turns the constant learning rate into a cosine decay over that many steps;
     `augment` adds random small rotations, shifts and zoom that are active only in training.
     """
     if family not in ("cnn", "mlp"):
         raise ValueError(f"family must be 'cnn' or 'mlp', got {family!r}")
     if family == "cnn":
-        _check_conv_shapes(conv_filters, kernel_size, padding)
+        _check_conv_shapes(conv_filters, convs_per_block, kernel_size, padding)
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     x = _augmentation(seed)(inputs) if augment else inputs
     if family == "cnn":
         for i, filters in enumerate(conv_filters):
-            x = keras.layers.Conv2D(
-                filters, kernel_size, padding=padding, use_bias=not batch_norm, name=f"conv_{i}"
-            )(x)
-            if batch_norm:
-                x = keras.layers.BatchNormalization(name=f"conv_{i}_bn")(x)
-            x = keras.layers.Activation("relu", name=f"conv_{i}_relu")(x)
+            for j in range(convs_per_block):
+                name = f"conv_{i}" if convs_per_block == 1 else f"conv_{i}_{j}"
+                x = keras.layers.Conv2D(
+                    filters, kernel_size, padding=padding, use_bias=not batch_norm, name=name
+                )(x)
+                if batch_norm:
+                    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
             x = keras.layers.MaxPooling2D(POOL_SIZE, name=f"pool_{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate(dense_units):
@@ -86,19 +90,22 @@ def build_model(
     return model
 
 
-def _check_conv_shapes(conv_filters: Sequence[int], kernel_size: int, padding: str) -> None:
+def _check_conv_shapes(
+    conv_filters: Sequence[int], convs_per_block: int, kernel_size: int, padding: str
+) -> None:
     """Refuse architectures whose feature maps would shrink to nothing before the dense head."""
-    if not conv_filters:
-        raise ValueError("a CNN needs at least one conv block")
+    if not conv_filters or convs_per_block < 1:
+        raise ValueError("a CNN needs at least one conv block of at least one conv layer")
     size = INPUT_SHAPE[0]
     for i in range(len(conv_filters)):
         if padding == "valid":
-            size -= kernel_size - 1
+            size -= (kernel_size - 1) * convs_per_block
         size //= POOL_SIZE
         if size < 1:
             raise ValueError(
                 f"conv block {i} shrinks the {INPUT_SHAPE[0]}x{INPUT_SHAPE[1]} input to nothing "
-                f"({len(conv_filters)} blocks, kernel {kernel_size}, padding {padding!r})"
+                f"({len(conv_filters)} blocks of {convs_per_block} conv, kernel {kernel_size}, "
+                f"padding {padding!r})"
             )
 
 
@@ -144,6 +151,7 @@ def sample_architecture(hp: kt.HyperParameters) -> dict[str, Any]:
         with hp.conditional_scope("family", ["cnn"]):
             blocks = hp.Int("conv_blocks", 1, 3, default=2)
             architecture["conv_filters"] = tuple(_filters(hp, i) for i in range(blocks))
+            architecture["convs_per_block"] = hp.Int("convs_per_block", 1, 2, default=1)
             architecture["kernel_size"] = hp.Choice("kernel_size", [3, 5], default=3)
             architecture["dense_units"] = (hp.Int("dense_units", 64, 512, step=64, default=128),)
     else:

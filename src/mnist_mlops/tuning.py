@@ -58,11 +58,9 @@ class MlflowTrialsMixin:
                 **_hyperband_tags(trial.hyperparameters.values),
             },
         )
+        # Values known before the build; the build registers the rest (logged at the end).
         params = active_hyperparameters(trial.hyperparameters)
-        client.log_batch(
-            run.info.run_id,
-            params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
-        )
+        _log_params(run.info.run_id, params)
         trial.mlflow_run_id = run.info.run_id
         trial.started_at = time.monotonic()
         total = f"/{self.expected_trials}" if self.expected_trials else ""
@@ -81,8 +79,19 @@ class MlflowTrialsMixin:
             _close_trial_run(trial.mlflow_run_id, ended, time.monotonic() - trial.started_at)
 
 
+def _log_params(run_id: str, params: dict[str, Any]) -> None:
+    MlflowClient().log_batch(
+        run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+    )
+
+
 def _close_trial_run(run_id: str, trial: kt.engine.trial.Trial, seconds: float) -> None:
     client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    _log_params(
+        run_id,
+        {k: v for k, v in active_hyperparameters(trial.hyperparameters).items() if k not in logged},
+    )
     status = str(trial.status)
     epochs_run = len(client.get_metric_history(run_id, "loss"))
     metrics = {"wall_seconds": seconds, "epochs_run": epochs_run}

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real MNIST files, a throwaway MLflow store, validated params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+from support import REPO_ROOT, merged_params
+
+from mnist_mlops.config import Params, parse_params
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST IDX files: $MNIST_DIR, else ../shared/data/mnist beside the repo."""
+    directory = Path(os.environ.get("MNIST_DIR", REPO_ROOT.parent / "shared" / "data" / "mnist"))
+    if not (directory / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found in {directory} (set MNIST_DIR)")
+    return directory.resolve()
+
+
+@pytest.fixture
+def ci_params() -> Params:
+    return parse_params(merged_params())
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite MLflow store under tmp_path, used by every MLflow call in the test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()

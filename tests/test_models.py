@@ -1,0 +1,197 @@
+"""The model builder, and the search space pinned name by name (Keras Tuner swallows build errors
+inside trials, so the builder and the hypermodel are tested directly)."""
+
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from mnist_mlops.models import (
+    BASELINE_ARCHITECTURE,
+    MnistHyperModel,
+    build_model,
+    sample_architecture,
+    sample_batch_size,
+)
+
+# name: (kind, range and default, conditions). A change to the space must change this table.
+PINNED_SPACE = {
+    "family": ("Choice", {"default": "cnn", "values": ["cnn", "mlp"]}, []),
+    "batch_norm": ("Boolean", {"default": True}, []),
+    "dropout": (
+        "Float",
+        {"default": 0.2, "min_value": 0.0, "max_value": 0.5, "step": 0.1, "sampling": "linear"},
+        [],
+    ),
+    "conv_blocks": (
+        "Int",
+        {"default": 2, "min_value": 1, "max_value": 3, "step": 1, "sampling": "linear"},
+        [("family", ["cnn"])],
+    ),
+    "filters_0": (
+        "Int",
+        {"default": 32, "min_value": 16, "max_value": 128, "step": 16, "sampling": "linear"},
+        [("family", ["cnn"]), ("conv_blocks", [1, 2, 3])],
+    ),
+    "filters_1": (
+        "Int",
+        {"default": 64, "min_value": 16, "max_value": 128, "step": 16, "sampling": "linear"},
+        [("family", ["cnn"]), ("conv_blocks", [2, 3])],
+    ),
+    "filters_2": (
+        "Int",
+        {"default": 128, "min_value": 16, "max_value": 128, "step": 16, "sampling": "linear"},
+        [("family", ["cnn"]), ("conv_blocks", [3])],
+    ),
+    "convs_per_block": (
+        "Int",
+        {"default": 1, "min_value": 1, "max_value": 2, "step": 1, "sampling": "linear"},
+        [("family", ["cnn"])],
+    ),
+    "kernel_size": ("Choice", {"default": 3, "values": [3, 5]}, [("family", ["cnn"])]),
+    "dense_units": (
+        "Int",
+        {"default": 128, "min_value": 64, "max_value": 512, "step": 64, "sampling": "linear"},
+        [("family", ["cnn"])],
+    ),
+    "mlp_layers": (
+        "Int",
+        {"default": 2, "min_value": 1, "max_value": 3, "step": 1, "sampling": "linear"},
+        [("family", ["mlp"])],
+    ),
+    "mlp_units_0": (
+        "Int",
+        {"default": 256, "min_value": 64, "max_value": 512, "step": 64, "sampling": "linear"},
+        [("family", ["mlp"]), ("mlp_layers", [1, 2, 3])],
+    ),
+    "mlp_units_1": (
+        "Int",
+        {"default": 256, "min_value": 64, "max_value": 512, "step": 64, "sampling": "linear"},
+        [("family", ["mlp"]), ("mlp_layers", [2, 3])],
+    ),
+    "mlp_units_2": (
+        "Int",
+        {"default": 256, "min_value": 64, "max_value": 512, "step": 64, "sampling": "linear"},
+        [("family", ["mlp"]), ("mlp_layers", [3])],
+    ),
+    "optimizer": ("Choice", {"default": "adam", "values": ["adam", "sgd"]}, []),
+    "adam_learning_rate": (
+        "Float",
+        {"default": 0.001, "min_value": 0.0001, "max_value": 0.01, "step": None, "sampling": "log"},
+        [("optimizer", ["adam"])],
+    ),
+    "sgd_learning_rate": (
+        "Float",
+        {"default": 0.01, "min_value": 0.001, "max_value": 0.1, "step": None, "sampling": "log"},
+        [("optimizer", ["sgd"])],
+    ),
+    "batch_size": ("Choice", {"default": 128, "values": [32, 64, 128, 256]}, []),
+}
+
+
+def _full_space() -> kt.HyperParameters:
+    """Register every branch of the space by forcing each conditional choice once."""
+    hp = kt.HyperParameters()
+    branches = (
+        {"family": "cnn", "conv_blocks": 3, "optimizer": "adam"},
+        {"family": "mlp", "mlp_layers": 3, "optimizer": "sgd"},
+    )
+    for forced in branches:
+        hp.values.update(forced)
+        sample_architecture(hp)
+        sample_batch_size(hp)
+    return hp
+
+
+def test_search_space_is_pinned():
+    space = {}
+    for hp in _full_space().space:
+        config = hp.get_config()
+        ranges = {
+            key: config[key]
+            for key in ("default", "values", "min_value", "max_value", "step", "sampling")
+            if key in config
+        }
+        conditions = [(c.name, list(c.values)) for c in hp.conditions]
+        space[hp.name] = (type(hp).__name__, ranges, conditions)
+    assert space == PINNED_SPACE
+
+
+def test_default_hyperparameters_build_the_default_cnn():
+    hp = kt.HyperParameters()
+    architecture = sample_architecture(hp)
+    assert architecture == {
+        "family": "cnn",
+        "padding": "same",
+        "batch_norm": True,
+        "dropout": 0.2,
+        "conv_filters": (32, 64),
+        "convs_per_block": 1,
+        "kernel_size": 3,
+        "dense_units": (128,),
+        "optimizer": "adam",
+        "learning_rate": 0.001,
+    }
+    assert sample_batch_size(hp) == 128
+    # Inactive branches are not recorded: a default trial logs no MLP or SGD values.
+    assert not {"mlp_layers", "sgd_learning_rate", "filters_2"} & set(hp.values)
+
+
+@pytest.mark.parametrize(
+    "forced",
+    [
+        {},
+        {"family": "cnn", "conv_blocks": 3, "kernel_size": 5, "convs_per_block": 2},
+        {"family": "cnn", "conv_blocks": 1, "batch_norm": False, "dropout": 0.0},
+        {"family": "mlp", "mlp_layers": 3, "optimizer": "sgd"},
+    ],
+)
+def test_hypermodel_builds_every_branch(forced):
+    hp = kt.HyperParameters()
+    hp.values.update(forced)
+    model = MnistHyperModel(seed=0).build(hp)
+    probabilities = np.asarray(model(np.zeros((2, 28, 28, 1), "float32")))
+    assert probabilities.shape == (2, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_baseline_is_the_reference_cnn():
+    model = build_model(**BASELINE_ARCHITECTURE)
+    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
+    dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
+    assert [c.filters for c in convs] == [32, 64]
+    assert [d.units for d in dense] == [128, 10]
+    assert model.get_layer("flatten").output.shape == (None, 5 * 5 * 64)
+    assert model.count_params() == 225_034
+    assert model.output.shape == (None, 10)
+
+
+def test_augmentation_is_inactive_at_inference():
+    model = build_model(augment=True, seed=1)
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype="float32")
+    np.testing.assert_allclose(model(x, training=False), model(x, training=False))
+    assert model.get_layer("augmentation") is not None
+
+
+def test_architectures_that_collapse_are_refused():
+    with pytest.raises(ValueError, match="shrinks the 28x28 input to nothing"):
+        build_model(conv_filters=(32, 64, 128), kernel_size=5, padding="valid")
+    # The same blocks with 'same' padding, as the search space uses, keep a 3x3 map.
+    model = build_model(conv_filters=(32, 64, 128), kernel_size=5, padding="same")
+    assert model.get_layer("flatten").output.shape == (None, 3 * 3 * 128)
+
+
+def test_bad_choices_are_refused():
+    with pytest.raises(ValueError, match="family"):
+        build_model(family="rnn")
+    with pytest.raises(ValueError, match="optimizer"):
+        build_model(optimizer="rmsprop")
+
+
+def test_cosine_schedule_decays_the_learning_rate():
+    model = build_model(learning_rate=0.01, decay_steps=100)
+    optimizer = model.optimizer
+    assert float(optimizer.learning_rate) == pytest.approx(0.01)
+    optimizer.iterations.assign(50)
+    assert float(optimizer.learning_rate) == pytest.approx(0.005, rel=1e-3)
+    optimizer.iterations.assign(100)
+    assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-6)

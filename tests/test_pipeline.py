@@ -1,0 +1,158 @@
+"""The real `dvc repro` on a copy of the repository with the CI profile, against a throwaway
+sqlite MLflow store; every claim is checked through the MLflow client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from support import REPO_ROOT, merged_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("prepare", "baseline", "tune", "retrain", "evaluate")
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> dict:
+    """A git repository holding this project's files with the CI profile as params.yaml."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = _git(REPO_ROOT, "ls-files", "--cached", "--others", "--exclude-standard").splitlines()
+    for name in files:
+        source = REPO_ROOT / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(merged_params(), sort_keys=False))
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "ci")
+    uri = f"sqlite:///{root.parent / 'store' / 'mlflow.db'}"
+    (root.parent / "store").mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(root / "src"),  # the copy's code, not the editable install's
+        "MLFLOW_TRACKING_URI": uri,
+        "MNIST_DIR": str(mnist_dir),
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("PIPELINE_RUN_ID", None)
+    first = _repro(root, env)
+    return {"root": root, "env": env, "uri": uri, "first": first}
+
+
+def _repro(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["dvc", "repro", *args], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_pipeline_runs_are_tracked_as_described(project):
+    client = MlflowClient(project["uri"])
+    runs = _runs(project["uri"])
+    stage_runs = {r.info.run_name: r for r in runs if r.info.run_name in STAGES}
+    assert sorted(stage_runs) == sorted(STAGES)
+    commit = _git(project["root"], "rev-parse", "HEAD")
+    pipeline_ids = {r.data.tags["pipeline_run_id"] for r in stage_runs.values()}
+    assert len(pipeline_ids) == 1
+    for name, run in stage_runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git_commit"] == commit
+        assert run.data.tags["dvc_stage"] == name
+        assert run.data.params["seed"] == "42"
+
+    prepare = stage_runs["prepare"]
+    assert prepare.data.params["prepare.train_subset"] == "3000"
+    assert prepare.data.metrics["train_size"] == 2500
+    assert {"summary.json", "sample_grid.png"} <= _artifacts(client, prepare)
+
+    baseline = stage_runs["baseline"]
+    assert baseline.data.params["baseline.epochs"] == "1"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert len(client.get_metric_history(baseline.info.run_id, metric)) == 1
+    assert {"training_curves.png", "config.json"} <= _artifacts(client, baseline)
+    assert client.search_logged_models(
+        experiment_ids=[baseline.info.experiment_id],
+        filter_string=f"source_run_id = '{baseline.info.run_id}'",
+    )
+
+    tune = stage_runs["tune"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
+    assert len(trials) == 2 == tune.data.metrics["trials_completed"]
+    for trial in trials:
+        assert trial.data.tags["trial_status"] == "COMPLETED"
+        assert "family" in trial.data.params
+        assert client.get_metric_history(trial.info.run_id, "val_accuracy")
+        assert trial.data.tags["pipeline_run_id"] in pipeline_ids
+    assert {"best_hparams.json", "trials.json", "score_per_trial.png"} <= _artifacts(client, tune)
+
+    retrain = stage_runs["retrain"]
+    registered = json.loads((project["root"] / "models/tuned/registered.json").read_text())
+    version = client.get_model_version("mnist-cnn", registered["version"])
+    assert version.run_id == retrain.info.run_id
+
+    evaluate = stage_runs["evaluate"]
+    metrics = json.loads((project["root"] / "evaluation/metrics.json").read_text())
+    for name in ("baseline_test_accuracy", "tuned_test_accuracy", "baseline_test_loss"):
+        assert evaluate.data.metrics[name] == pytest.approx(metrics[name])
+    assert 0.5 < metrics["tuned_test_accuracy"] <= 1
+    artifacts = _artifacts(client, evaluate, recursive=True)
+    assert "tuned/confusion_matrix.json" in artifacts
+    assert "tuned_confusion_matrix.png" in artifacts
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert champion.version == registered["version"]
+    assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["tuned_test_accuracy"])
+
+
+def _artifacts(client: MlflowClient, run, recursive: bool = False, path: str | None = None) -> set:
+    found = set()
+    for item in client.list_artifacts(run.info.run_id, path):
+        found.add(item.path)
+        if recursive and item.is_dir:
+            found |= _artifacts(client, run, True, item.path)
+    return found
+
+
+def test_second_repro_does_nothing(project):
+    before = len(_runs(project["uri"]))
+    result = _repro(project["root"], project["env"])
+    assert "Data and pipelines are up to date." in result.stdout
+    assert len(_runs(project["uri"])) == before
+
+
+def test_forced_rerun_reproduces_the_same_metrics(project):
+    root = project["root"]
+    first = json.loads((root / "evaluation/metrics.json").read_text())
+    _repro(root, project["env"], "--force")
+    assert json.loads((root / "evaluation/metrics.json").read_text()) == first
+    shown = subprocess.run(
+        ["dvc", "metrics", "show", "--json"],
+        cwd=root,
+        env=project["env"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "tuned_test_accuracy" in shown.stdout

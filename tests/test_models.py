@@ -165,13 +165,6 @@ def test_baseline_is_the_reference_cnn():
     assert model.output.shape == (None, 10)
 
 
-def test_augmentation_is_inactive_at_inference():
-    model = build_model(augment=True, seed=1)
-    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype="float32")
-    np.testing.assert_allclose(model(x, training=False), model(x, training=False))
-    assert model.get_layer("augmentation") is not None
-
-
 def test_architectures_that_collapse_are_refused():
     with pytest.raises(ValueError, match="shrinks the 28x28 input to nothing"):
         build_model(conv_filters=(32, 64, 128), kernel_size=5, padding="valid")

@@ -42,7 +42,6 @@ def build_model(
     optimizer: Literal["adam", "sgd"] = "adam",
     learning_rate: float = 1e-3,
     decay_steps: int | None = None,
-    augment: bool = False,
     seed: int | None = None,
 ) -> keras.Model:
     """Build and compile a classifier.
@@ -50,15 +49,16 @@ def build_model(
     family="cnn": one block per entry of `conv_filters` (`convs_per_block` times conv [-> batch
     norm] -> relu, then 2x2 max pool), then the dense head. family="mlp": the dense head alone
     on the flattened image.
-    `decay_steps` turns the constant learning rate into a cosine decay over that many steps;
-    `augment` adds random small rotations, shifts and zoom that are active only in training.
+    `decay_steps` turns the constant learning rate into a cosine decay over that many steps.
+    (Augmentation happens in the input pipeline, `training.fit`, so saved models hold no
+    training-only layers.)
     """
     if family not in ("cnn", "mlp"):
         raise ValueError(f"family must be 'cnn' or 'mlp', got {family!r}")
     if family == "cnn":
         _check_conv_shapes(conv_filters, convs_per_block, kernel_size, padding)
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
-    x = _augmentation(seed)(inputs) if augment else inputs
+    x = inputs
     if family == "cnn":
         for i, filters in enumerate(conv_filters):
             for j in range(convs_per_block):
@@ -107,17 +107,6 @@ def _check_conv_shapes(
                 f"({len(conv_filters)} blocks of {convs_per_block} conv, kernel {kernel_size}, "
                 f"padding {padding!r})"
             )
-
-
-def _augmentation(seed: int | None) -> keras.Sequential:
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
-            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
-        ],
-        name="augmentation",
-    )
 
 
 def _optimizer(name: str, learning_rate: float, decay_steps: int | None) -> keras.Optimizer:

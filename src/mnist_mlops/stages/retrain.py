@@ -47,7 +47,6 @@ def run(
     steps = params.retrain.epochs * math.ceil(len(y_all) / batch_size)
     architecture = {
         **best["architecture"],
-        "augment": params.retrain.augment,
         "decay_steps": steps if params.retrain.lr_schedule == "cosine" else None,
     }
     model = build_model(**architecture, seed=params.seed)
@@ -59,6 +58,7 @@ def run(
         epochs=params.retrain.epochs,
         batch_size=batch_size,
         callbacks=[EpochMetricsLogger(run_id)],
+        augment_seed=params.seed if params.retrain.augment else None,
     )
     config = {
         "seed": params.seed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,18 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.order = self.rng.permutation(len(self.y))
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` (wall time of the epoch, validation included) to each epoch's logs,
+    so training cost is tracked beside accuracy."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
+
+
 def fit(
     model: keras.Model,
     train: tuple[np.ndarray, np.ndarray],
@@ -117,7 +130,8 @@ def fit(
         **inputs,
         validation_data=(to_model_input(val[0]), val[1]) if val is not None else None,
         epochs=epochs,
-        callbacks=callbacks,
+        # The timer runs first, so the loggers after it see epoch_seconds.
+        callbacks=[EpochTimer(), *callbacks],
         verbose=2 if os.environ.get("CI") else 1,
     )
     return {key: [float(v) for v in values] for key, values in history.history.items()}

@@ -41,6 +41,8 @@ class MlflowTrialsMixin:
 
     parent_run_id: str
     expected_trials: int | None
+    # Epochs trained by this process (a resumed search counts only its own), for throughput.
+    epochs_trained: int = 0
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_begin(trial)  # type: ignore[misc]
@@ -76,7 +78,8 @@ class MlflowTrialsMixin:
         finally:
             # The oracle owns the final status (it turns retries-exhausted INVALID into FAILED).
             ended = self.oracle.trials[trial.trial_id]  # type: ignore[attr-defined]
-            _close_trial_run(trial.mlflow_run_id, ended, time.monotonic() - trial.started_at)
+            seconds = time.monotonic() - trial.started_at
+            self.epochs_trained += _close_trial_run(trial.mlflow_run_id, ended, seconds)
 
 
 def _log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -85,7 +88,8 @@ def _log_params(run_id: str, params: dict[str, Any]) -> None:
     )
 
 
-def _close_trial_run(run_id: str, trial: kt.engine.trial.Trial, seconds: float) -> None:
+def _close_trial_run(run_id: str, trial: kt.engine.trial.Trial, seconds: float) -> int:
+    """Log the trial's outcome and end its run; return the epochs it trained."""
     client = MlflowClient()
     logged = client.get_run(run_id).data.params
     _log_params(
@@ -107,6 +111,7 @@ def _close_trial_run(run_id: str, trial: kt.engine.trial.Trial, seconds: float) 
         client.set_tag(run_id, "error", trial.message.strip().splitlines()[-1][:4000])
         client.log_text(run_id, trial.message, "error.txt")
     client.set_terminated(run_id, _RUN_STATUS.get(status, "FAILED"))
+    return epochs_run
 
 
 def _hyperband_tags(values: dict[str, Any]) -> dict[str, str]:

@@ -64,6 +64,7 @@ def run(params: Params, prepared_dir: Path, out_dir: Path, state_dir: Path, run_
         "trials": len(rows),
         **{f"trials_{s.lower()}": statuses.count(s) for s in ("COMPLETED", "FAILED", "INVALID")},
         "tuning_seconds": seconds,
+        "epochs_trained": tuner.epochs_trained,
         "train_examples": len(y_train),
     }
     write_json(out_dir / "best_hparams.json", best)

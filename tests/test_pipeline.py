@@ -63,9 +63,12 @@ def _repro(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+CI = merged_params()["mlflow"]
+
+
 def _runs(uri: str) -> list:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("mnist-cnn")
+    experiment = client.get_experiment_by_name(CI["experiment"])
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
@@ -110,7 +113,7 @@ def test_pipeline_runs_are_tracked_as_described(project):
 
     retrain = stage_runs["retrain"]
     registered = json.loads((project["root"] / "models/tuned/registered.json").read_text())
-    version = client.get_model_version("mnist-cnn", registered["version"])
+    version = client.get_model_version(CI["registered_model"], registered["version"])
     assert version.run_id == retrain.info.run_id
 
     evaluate = stage_runs["evaluate"]
@@ -120,8 +123,9 @@ def test_pipeline_runs_are_tracked_as_described(project):
     assert 0.5 < metrics["tuned_test_accuracy"] <= 1
     artifacts = _artifacts(client, evaluate, recursive=True)
     assert "tuned/confusion_matrix.json" in artifacts
-    assert "tuned_confusion_matrix.png" in artifacts
-    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert "figures/tuned_confusion_counts.png" in artifacts
+    assert {"report/report.md", "export.json"} <= artifacts
+    champion = client.get_model_version_by_alias(CI["registered_model"], "champion")
     assert champion.version == registered["version"]
     assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["tuned_test_accuracy"])
 

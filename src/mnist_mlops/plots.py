@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -12,6 +13,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # a runtime import would load Keras into every stage that draws
+    from mnist_mlops.evaluation import Calibration
+
+_RIGHT, _WRONG = "tab:green", "tab:red"
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Figure:
@@ -107,5 +113,136 @@ def hyperparameter_scores(
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def digit_gallery(
+    images: np.ndarray,
+    true: Sequence[int],
+    predicted: Sequence[int],
+    confidence: Sequence[float],
+    title: str,
+    columns: int = 8,
+) -> Figure:
+    """Digits with their true label, prediction and confidence; green right, red wrong."""
+    count = len(images)
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(1.4 * columns, 1.6 * rows + 0.6), squeeze=False
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= count:
+            continue
+        ax.imshow(images[i], cmap="gray_r")
+        ax.set_title(
+            f"true {true[i]} pred {predicted[i]}\n{confidence[i]:.0%}",
+            fontsize=8,
+            color=_RIGHT if true[i] == predicted[i] else _WRONG,
+        )
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(calibrations: Mapping[str, Calibration]) -> Figure:
+    """Accuracy against mean confidence per confidence bin, one line per model.
+
+    Points below the diagonal are overconfident bins. The lower panel shows how many images
+    fall in each bin, which says how much each point can be trusted.
+    """
+    fig, (curve_ax, count_ax) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    curve_ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfectly calibrated")
+    for name, result in calibrations.items():
+        confidence = [row["confidence"] for row in result.bins]
+        curve_ax.plot(
+            confidence,
+            [row["accuracy"] for row in result.bins],
+            marker="o",
+            label=f"{name} (ECE {result.ece:.4f})",
+        )
+        count_ax.plot(confidence, [row["count"] for row in result.bins], marker="o", label=name)
+    curve_ax.set_ylabel("accuracy")
+    curve_ax.set_title("Reliability diagram")
+    curve_ax.grid(alpha=0.3)
+    curve_ax.legend()
+    count_ax.set_yscale("log")
+    count_ax.set_xlabel("confidence")
+    count_ax.set_ylabel("images")
+    count_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def robustness_bars(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
+    """Accuracy of each model (one bar colour each) on each test-set condition (groups)."""
+    conditions = list(next(iter(accuracies.values())))
+    width = 0.8 / len(accuracies)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, by_condition) in enumerate(accuracies.items()):
+        positions = np.arange(len(conditions)) + (i - (len(accuracies) - 1) / 2) * width
+        bars = ax.bar(positions, [by_condition[c] for c in conditions], width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(conditions)), conditions)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("test set")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Robustness: accuracy on corrupted copies of the test set")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def image_rows(rows: Mapping[str, np.ndarray], title: str) -> Figure:
+    """One row of images per entry (e.g. the same digits clean and under each corruption)."""
+    columns = max(len(images) for images in rows.values())
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(1.1 * columns + 1, 1.2 * len(rows) + 0.5), squeeze=False
+    )
+    for ax_row, (name, images) in zip(axes, rows.items(), strict=True):
+        for ax, image in zip(ax_row, images, strict=False):
+            ax.imshow(image, cmap="gray_r")
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+        ax_row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def feature_maps(
+    images: np.ndarray,
+    activations: Mapping[str, np.ndarray],
+    labels: Sequence[Any],
+    title: str,
+    channels: int = 6,
+) -> Figure:
+    """Each input image beside the first `channels` feature maps of each layer, one row each."""
+    shown = {name: min(channels, maps.shape[-1]) for name, maps in activations.items()}
+    columns = 1 + sum(shown.values())
+    fig, axes = plt.subplots(
+        len(images), columns, figsize=(1.0 * columns, 1.05 * len(images) + 0.6), squeeze=False
+    )
+    for row, image in enumerate(images):
+        axes[row, 0].imshow(image, cmap="gray_r")
+        axes[row, 0].set_ylabel(str(labels[row]), rotation=0, ha="right", va="center")
+        col = 1
+        for name, maps in activations.items():
+            for channel in range(shown[name]):
+                axes[row, col].imshow(maps[row, :, :, channel], cmap="viridis")
+                if row == 0:
+                    axes[0, col].set_title(f"{name}\n#{channel}", fontsize=7)
+                col += 1
+    axes[0, 0].set_title("input", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

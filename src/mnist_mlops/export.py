@@ -1,0 +1,166 @@
+"""A quantised TensorFlow Lite export of a Keras model, and what it costs and saves.
+
+TF-specific by nature: the TFLite converter traces the model through TensorFlow, so it needs
+Keras on the TensorFlow backend. `unavailable_reason` says why an export cannot run instead of
+failing halfway.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+Quantization = Literal["int8", "float16"]
+# Enough images for the int8 converter to see each activation's range; more only adds time.
+REPRESENTATIVE_IMAGES = 200
+_BATCH = 256
+_WARMUP_CALLS = 5
+
+
+def unavailable_reason() -> str | None:
+    """None when a TFLite export can run here, else why not."""
+    if keras.backend.backend() != "tensorflow":
+        return (
+            f"the TFLite converter needs Keras on the TensorFlow backend, "
+            f"but KERAS_BACKEND is {keras.backend.backend()!r}"
+        )
+    return None
+
+
+def quantize(model: keras.Model, mode: Quantization, representative: np.ndarray) -> bytes:
+    """Convert `model` to a TFLite flatbuffer.
+
+    int8: weights and activations in 8-bit integers, their ranges calibrated on
+    `representative` (model inputs, never the test set); inputs and outputs stay float32 so
+    callers feed the same arrays as to the Keras model. float16: weights stored as float16.
+    """
+    if mode not in ("int8", "float16"):
+        raise ValueError(f"quantization must be 'int8' or 'float16', got {mode!r}")
+    import tensorflow as tf  # here, not at the top: only the TF backend has (and needs) it
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "int8":
+        samples = representative[:REPRESENTATIVE_IMAGES].astype(np.float32)
+        converter.representative_dataset = lambda: ([sample[np.newaxis]] for sample in samples)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    else:
+        converter.target_spec.supported_types = [tf.float16]
+    with warnings.catch_warnings():
+        # About statistics for integer inputs; this model's inputs stay float32.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
+
+
+class TFLiteClassifier:
+    """Runs a TFLite flatbuffer with the Keras model's calling convention: float32 in, probs out."""
+
+    def __init__(self, flatbuffer: bytes) -> None:
+        import tensorflow as tf  # see quantize
+
+        # TF 2.21 still ships tf.lite.Interpreter and warns that it moves to ai-edge-litert;
+        # the pinned TF keeps it, and one fewer package keeps the environment lean.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            self._interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch = 0
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Probabilities for float32 inputs [N, 28, 28, 1], in batches of up to 256."""
+        parts = [self._run(inputs[i : i + _BATCH]) for i in range(0, len(inputs), _BATCH)]
+        return np.concatenate(parts)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) != self._batch:  # resizing reallocates: only when the batch size changes
+            self._interpreter.resize_tensor_input(self._input, [len(batch), *batch.shape[1:]])
+            self._interpreter.allocate_tensors()
+            self._batch = len(batch)
+        self._interpreter.set_tensor(self._input, batch.astype(np.float32))
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output).copy()
+
+
+def latency_seconds(predict: Callable[[np.ndarray], Any], inputs: np.ndarray) -> float:
+    """Median wall time of `predict` on one image at a time, over every image of `inputs`.
+
+    The median, after a few warm-up calls, keeps one-off costs (graph tracing, allocation) and
+    the scheduler's hiccups out of the number.
+    """
+    for _ in range(_WARMUP_CALLS):
+        predict(inputs[:1])
+    times = []
+    for i in range(len(inputs)):
+        started = time.perf_counter()
+        predict(inputs[i : i + 1])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def keras_file_bytes(model: keras.Model) -> int:
+    """Size of the model as a `.keras` file holding what inference needs.
+
+    Saved from an uncompiled copy rebuilt from the config: the pipeline's `.keras` files, Keras's
+    weight files and `clone_model` copies all carry Adam's state, which would triple the Keras
+    side of the comparison.
+    """
+    inference = type(model).from_config(model.get_config())
+    inference.set_weights(model.get_weights())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        inference.save(path)
+        return path.stat().st_size
+
+
+@dataclass(frozen=True)
+class ExportComparison:
+    """The quantised export against the Keras model it came from, on the same test images."""
+
+    keras_accuracy: float
+    tflite_accuracy: float
+    agreement: float  # share of images on which both predict the same digit
+    keras_bytes: int
+    tflite_bytes: int
+    keras_latency_ms: float
+    tflite_latency_ms: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            **vars(self),
+            "size_ratio": self.tflite_bytes / self.keras_bytes,
+            "speedup": self.keras_latency_ms / self.tflite_latency_ms,
+        }
+
+
+def compare(
+    model: keras.Model,
+    flatbuffer: bytes,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    latency_images: int,
+) -> ExportComparison:
+    """Accuracy on (inputs, labels), file size and per-image latency of both forms of a model."""
+    exported = TFLiteClassifier(flatbuffer)
+    keras_pred = model.predict(inputs, batch_size=1000, verbose=0).argmax(axis=1)
+    tflite_pred = exported.predict(inputs).argmax(axis=1)
+    timed = inputs[:latency_images]
+    return ExportComparison(
+        keras_accuracy=float(np.mean(keras_pred == labels)),
+        tflite_accuracy=float(np.mean(tflite_pred == labels)),
+        agreement=float(np.mean(keras_pred == tflite_pred)),
+        keras_bytes=keras_file_bytes(model),
+        tflite_bytes=len(flatbuffer),
+        # predict_on_batch: Keras's compiled single-call path, what a server would use.
+        keras_latency_ms=1000 * latency_seconds(model.predict_on_batch, timed),
+        tflite_latency_ms=1000 * latency_seconds(exported.predict, timed),
+    )

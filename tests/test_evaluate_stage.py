@@ -1,0 +1,146 @@
+"""The evaluate stage against a throwaway MLflow store: the registry gate moving the alias, and a
+whole run on tiny untrained models and a few hundred synthetic digits."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from support import merged_params
+
+from mnist_mlops import evaluation
+from mnist_mlops.data import save_split
+from mnist_mlops.models import build_model
+from mnist_mlops.stages import evaluate
+from mnist_mlops.training import save_model, to_model_input, write_json
+
+NAME = merged_params()["mlflow"]["registered_model"]
+
+
+def alias_holder(client: MlflowClient) -> str | None:
+    holder = client.get_registered_model(NAME).aliases.get("champion")
+    return None if holder is None else str(holder)
+
+
+def test_gate_moves_the_champion_alias_in_the_registry(mlflow_store, tmp_path):
+    client = MlflowClient()
+    client.create_registered_model(NAME)
+    for _ in range(3):
+        client.create_model_version(NAME, source=str(tmp_path))
+
+    def gate(version: str, accuracy: float, baseline: float, minimum: float) -> str | None:
+        evaluate.apply_champion_gate(client, NAME, version, accuracy, baseline, minimum)
+        return alias_holder(client)
+
+    assert gate("1", 0.80, 0.70, 0.90) is None  # first model ever, below the gate: nobody
+    assert gate("1", 0.95, 0.94, 0.90) == "1"  # first model ever to pass
+    assert gate("2", 0.92, 0.93, 0.90) == "1"  # below the baseline: v1 keeps it
+    assert gate("3", 0.95, 0.95, 0.95) == "3"  # ties with baseline and gate: enough
+    assert gate("3", 0.95, 0.95, 0.96) is None  # re-evaluated under a stricter gate: lost
+
+
+@pytest.fixture
+def pipeline_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) -> dict:
+    """What prepare, baseline and retrain leave behind, in a fresh working directory.
+
+    The test labels are the tuned model's own predictions, so it scores 1.0 and passes the
+    gate whatever its random weights.
+    """
+    monkeypatch.chdir(tmp_path)
+    overrides = {"evaluate": {"latency_images": 5, "gallery_size": 8}}
+    Path("params.yaml").write_text(yaml.safe_dump(merged_params(overrides)))
+    rng = np.random.default_rng(0)
+    images = (rng.random((300, 28, 28)) > 0.8).astype(np.uint8) * 255
+    baseline = build_model(conv_filters=(4, 8), dense_units=(16,), padding="valid", seed=0)
+    tuned = build_model(family="mlp", dense_units=(16,), seed=0)  # no conv: no feature maps
+    labels = tuned.predict(to_model_input(images), verbose=0).argmax(axis=1).astype(np.uint8)
+    save_split(Path("data/prepared/test.npz"), images, labels)
+    save_split(Path("data/prepared/val.npz"), images[:40], labels[:40])
+    write_json(
+        Path("data/prepared/summary.json"), {"sha256": {"train": "a", "val": "b", "test": "c"}}
+    )
+    history = {"loss": [1.0, 0.8], "accuracy": [0.5, 0.6]}
+    save_model(
+        baseline,
+        Path("models/baseline"),
+        {},
+        history | {"val_loss": [1.1, 0.9], "val_accuracy": [0.4, 0.5]},
+    )
+    config = {"tuned_from": {"hyperparameters": {"family": "mlp", "mlp_units_0": 16}}}
+    save_model(tuned, Path("models/tuned"), config, history)
+
+    client = MlflowClient()
+    experiment = client.create_experiment("retrain-runs")
+    run = client.create_run(experiment, tags={"git_commit": "abc123"})
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source="models/tuned", run_id=run.info.run_id)
+    registered = {"name": NAME, "version": str(version.version), "run_id": run.info.run_id}
+    write_json(Path("models/tuned/registered.json"), registered)
+    return registered
+
+
+# The untrained models were saved before their optimizers built any state.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, capsys):
+    evaluate.main()
+    registered = pipeline_outputs
+    out = Path("evaluation")
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tuned_test_accuracy"] == 1.0 and metrics["tuned_promoted"] is True
+    assert 0 <= metrics["baseline_test_ece"] <= 1
+    for kind in ("rotation", "shift", "noise", "blur"):
+        assert 0 <= metrics[f"tuned_robustness_{kind}_accuracy"] <= 1
+    exported = json.loads((out / "export.json").read_text())
+    assert exported["exported"] and exported["version"] == registered["version"]
+    assert (out / "export" / exported["file"]).stat().st_size == exported["tflite_bytes"]
+    assert exported["tflite_accuracy"] > 0.9
+
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert "baseline_feature_maps.png" in figures and "tuned_feature_maps.png" not in figures
+    assert {"reliability_diagram.png", "robustness.png", "tuned_misclassified.png"} <= figures
+    confusion = json.loads((out / "plots" / "confusion_tuned.json").read_text())
+    assert len(confusion) == 300 and set(confusion[0]) == {"actual", "predicted"}
+
+    report = Path("reports/evaluate/report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(links) == len(figures)
+    assert all((Path("reports/evaluate") / link).is_file() for link in links)
+    assert "the tuned model has no convolutional layer" in report
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(NAME, "champion")
+    assert str(version.version) == registered["version"]
+    tags = version.tags
+    assert float(tags["test_accuracy"]) == 1.0 and tags["git_commit"] == "abc123"
+    assert tags["data_sha256.test"] == "c" and tags["hparams.family"] == "mlp"
+    assert tags["params.retrain.epochs"] == "1" and "promoted" in tags["champion_gate"]
+
+    run = client.search_runs(
+        [client.get_experiment_by_name(merged_params()["mlflow"]["experiment"]).experiment_id],
+        "tags.stage = 'evaluate'",
+    )[0]
+    assert run.data.metrics["tuned_test_accuracy"] == 1.0
+    assert run.data.metrics["export_tflite_accuracy"] == exported["tflite_accuracy"]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert logged == {f"figures/{name}" for name in figures}
+    report_files = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert "report/report.md" in report_files
+    assert "promoted to @champion" in capsys.readouterr().out
+
+
+def test_no_champion_means_no_export_and_says_why(mlflow_store, ci_params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    decision = evaluation.champion_gate("1", 0.4, 0.3, 0.5, current=None)
+    registered = {"name": NAME, "version": "1"}
+    with mlflow.start_run():
+        summary = evaluate.export_champion(decision, registered, None, None, None, ci_params)
+    assert summary == {"exported": False, "reason": f"no version of {NAME} holds @champion"}
+    assert json.loads(Path("evaluation/export.json").read_text()) == summary
+    assert list(Path("evaluation/export").iterdir()) == []  # still there: a DVC output

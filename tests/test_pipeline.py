@@ -126,7 +126,7 @@ def test_pipeline_runs_are_tracked_as_described(project):
     assert "figures/tuned_confusion_counts.png" in artifacts
     assert {"report/report.md", "export.json"} <= artifacts
     champion = client.get_model_version_by_alias(CI["registered_model"], "champion")
-    assert champion.version == registered["version"]
+    assert str(champion.version) == registered["version"]
     assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["tuned_test_accuracy"])
 
 

@@ -9,6 +9,7 @@ from mnist_mlops.models import (
     BASELINE_ARCHITECTURE,
     MnistHyperModel,
     build_model,
+    conv_macs,
     sample_architecture,
     sample_batch_size,
 )
@@ -84,7 +85,7 @@ PINNED_SPACE = {
         {"default": 0.01, "min_value": 0.001, "max_value": 0.1, "step": None, "sampling": "log"},
         [("optimizer", ["sgd"])],
     ),
-    "batch_size": ("Choice", {"default": 128, "values": [32, 64, 128, 256]}, []),
+    "batch_size": ("Choice", {"default": 128, "values": [64, 128, 256]}, []),
 }
 
 
@@ -188,3 +189,22 @@ def test_cosine_schedule_decays_the_learning_rate():
     assert float(optimizer.learning_rate) == pytest.approx(0.005, rel=1e-3)
     optimizer.iterations.assign(100)
     assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_conv_cost_of_reference_architectures():
+    assert conv_macs(**BASELINE_ARCHITECTURE) == 26 * 26 * 32 * 9 + 11 * 11 * 64 * 32 * 9
+    assert conv_macs((32, 64), kernel_size=3) == 28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9
+    assert conv_macs((32, 64), convs_per_block=2, kernel_size=5) > 4 * conv_macs((32, 64))
+
+
+def test_the_cost_cap_fails_expensive_trials_before_training():
+    hp = kt.HyperParameters()
+    hp.values.update({"conv_blocks": 2, "convs_per_block": 2, "kernel_size": 5})
+    hypermodel = MnistHyperModel(seed=0, max_conv_mmacs=8)
+    model = hypermodel.build(hp)
+    x, y = np.zeros((4, 28, 28, 1), "float32"), np.zeros(4)
+    with pytest.raises(kt.errors.FailedTrialError, match=r"exceeds tune.max_conv_mmacs = 8"):
+        hypermodel.fit(hp, model, x, y, epochs=1, verbose=0)
+    cheap = kt.HyperParameters()
+    history = hypermodel.fit(cheap, hypermodel.build(cheap), x, y, epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1

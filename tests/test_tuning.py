@@ -47,6 +47,7 @@ def tune_params(**overrides) -> TuneParams:
         "executions_per_trial": 1,
         "early_stopping_patience": 1,
         "search_subset": None,
+        "max_conv_mmacs": None,
     }
     return TuneParams(**{**values, **overrides})
 
@@ -132,16 +133,13 @@ def test_failing_trials_are_recorded_and_do_not_abort_the_search(
     tmp_path, mlflow_store, small_mnist
 ):
     with mlflow.start_run() as parent:
-        tuner = tuning.RandomSearch(
+        tuner = tuning.make_tuner(
+            tune_params(max_trials=6),
+            3,
+            tmp_path / "state",
+            parent.info.run_id,
             hypermodel=HalfBrokenHyperModel(seed=0),
-            objective=tuning.OBJECTIVE,
-            max_trials=6,
-            seed=3,
-            directory=str(tmp_path / "state"),
-            project_name="search",
-            max_consecutive_failed_trials=sys.maxsize,
         )
-        tuner.parent_run_id, tuner.expected_trials = parent.info.run_id, 6
         search(tuner, small_mnist)
     runs = trial_runs(parent.info.run_id)
     failed = [r for r in runs if r.data.tags["trial_status"] == "FAILED"]
@@ -164,15 +162,9 @@ def test_a_search_where_every_trial_fails_is_an_error(tmp_path, mlflow_store, sm
             raise ValueError("always broken")
 
     with mlflow.start_run() as parent:
-        tuner = tuning.RandomSearch(
-            hypermodel=Broken(seed=0),
-            objective=tuning.OBJECTIVE,
-            max_trials=2,
-            directory=str(tmp_path / "state"),
-            project_name="search",
-            max_consecutive_failed_trials=sys.maxsize,
+        tuner = tuning.make_tuner(
+            tune_params(), 0, tmp_path / "state", parent.info.run_id, hypermodel=Broken(seed=0)
         )
-        tuner.parent_run_id, tuner.expected_trials = parent.info.run_id, 2
         search(tuner, small_mnist)
     with pytest.raises(tuning.SearchFailedError, match=r"no trial completed.*always broken"):
         tuning.best_configuration(tuner)

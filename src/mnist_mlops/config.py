@@ -53,6 +53,7 @@ class TuneParams(_Section):
     executions_per_trial: PositiveInt
     early_stopping_patience: PositiveInt
     search_subset: PositiveInt | None
+    max_conv_mmacs: float | None = Field(gt=0)
 
 
 class RetrainParams(_Section):

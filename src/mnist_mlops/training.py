@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,12 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.order = self.rng.permutation(len(self.y))
 
 
+def progress_verbosity() -> int:
+    """Keras progress bars on a terminal; one line per epoch in logs (DVC, CI), where a
+    redrawn bar would write thousands of lines."""
+    return 1 if sys.stdout.isatty() else 2
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Adds `epoch_seconds` (wall time of the epoch, validation included) to each epoch's logs,
     so training cost is tracked beside accuracy."""
@@ -132,7 +139,7 @@ def fit(
         epochs=epochs,
         # The timer runs first, so the loggers after it see epoch_seconds.
         callbacks=[EpochTimer(), *callbacks],
-        verbose=2 if os.environ.get("CI") else 1,
+        verbose=progress_verbosity(),
     )
     return {key: [float(v) for v in values] for key, values in history.history.items()}
 

@@ -147,11 +147,18 @@ class BayesianOptimization(MlflowTrialsMixin, kt.BayesianOptimization):
 
 
 def make_tuner(
-    params: TuneParams, seed: int, state_dir: Path, parent_run_id: str
+    params: TuneParams,
+    seed: int,
+    state_dir: Path,
+    parent_run_id: str,
+    hypermodel: kt.HyperModel | None = None,
 ) -> MlflowTrialsMixin:
-    """The tuner named in params, keeping its oracle state under `state_dir` for resumes."""
+    """The tuner named in params, keeping its oracle state under `state_dir` for resumes.
+
+    `hypermodel` defaults to the project's search space.
+    """
     common: dict[str, Any] = {
-        "hypermodel": models.MnistHyperModel(seed),
+        "hypermodel": hypermodel or models.MnistHyperModel(seed, params.max_conv_mmacs),
         "objective": OBJECTIVE,
         "executions_per_trial": params.executions_per_trial,
         "seed": seed,

@@ -20,7 +20,13 @@ from mnist_mlops.config import Params, load_params
 from mnist_mlops.data import load_split, stratified_subset
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
 from mnist_mlops.tracking import stage_run
-from mnist_mlops.training import read_json, seed_everything, to_model_input, write_json
+from mnist_mlops.training import (
+    progress_verbosity,
+    read_json,
+    seed_everything,
+    to_model_input,
+    write_json,
+)
 
 STAGE = "tune"
 PREPARED_DIR = Path("data/prepared")
@@ -50,7 +56,7 @@ def run(params: Params, prepared_dir: Path, out_dir: Path, state_dir: Path, run_
                 monitor=tuning.OBJECTIVE, patience=params.tune.early_stopping_patience
             )
         ],
-        verbose=2,
+        verbose=progress_verbosity(),
     )
     seconds = time.monotonic() - started
     try:

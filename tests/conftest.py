@@ -33,6 +33,11 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)
+    # Artifacts under tmp_path too: the default experiment would put them in ./mlruns.
+    experiment = mlflow.MlflowClient().create_experiment(
+        "tests", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    mlflow.set_experiment(experiment_id=experiment)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -16,6 +16,9 @@ import keras_tuner as kt
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 POOL_SIZE = 2
+# Keras's default 0.99 leaves the moving variance ~10x too large after a few hundred steps, so
+# a short tuning trial with batch norm scored ~12% at inference while 97.7% in training mode.
+BN_MOMENTUM = 0.9
 
 # The reference projects' baseline CNN: conv32 -> pool -> conv64 -> pool -> dense128 -> softmax.
 BASELINE_ARCHITECTURE: dict[str, Any] = {
@@ -67,7 +70,7 @@ def build_model(
                     filters, kernel_size, padding=padding, use_bias=not batch_norm, name=name
                 )(x)
                 if batch_norm:
-                    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+                    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
                 x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
             x = keras.layers.MaxPooling2D(POOL_SIZE, name=f"pool_{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
@@ -76,7 +79,7 @@ def build_model(
             x = keras.layers.Dropout(dropout, seed=seed, name=f"dropout_{i}")(x)
         x = keras.layers.Dense(units, use_bias=not batch_norm, name=f"dense_{i}")(x)
         if batch_norm:
-            x = keras.layers.BatchNormalization(name=f"dense_{i}_bn")(x)
+            x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"dense_{i}_bn")(x)
         x = keras.layers.Activation("relu", name=f"dense_{i}_relu")(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout_out")(x)

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_mlops import evaluation, export, plots, robustness
+from mnist_mlops import evaluation, export, plots, robustness, serving
 from mnist_mlops.config import Params, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
@@ -350,7 +350,7 @@ def export_champion(
         model = (
             tuned_model
             if version == registered["version"]
-            else mlflow.keras.load_model(f"models:/{registered['name']}/{version}")
+            else serving.load_keras_model(f"models:/{registered['name']}/{version}")
         )
         mode = params.evaluate.quantization
         flatbuffer = export.quantize(model, mode, to_model_input(representative))

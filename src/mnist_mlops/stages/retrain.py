@@ -19,13 +19,13 @@ from mnist_mlops.config import Params, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.models import build_model
-from mnist_mlops.tracking import EpochMetricsLogger, log_keras_model, stage_run
+from mnist_mlops.serving import log_serving_model
+from mnist_mlops.tracking import EpochMetricsLogger, stage_run
 from mnist_mlops.training import (
     fit,
     read_json,
     save_model,
     seed_everything,
-    to_model_input,
     write_json,
 )
 
@@ -72,8 +72,9 @@ def run(
     mlflow.log_metric("parameters", model.count_params())
     mlflow.log_dict(config, "config.json")
     mlflow.log_figure(plots.training_curves(history, "Tuned CNN, retrained"), "training_curves.png")
-    info = log_keras_model(
-        model, to_model_input(x_val[:2]), registered_model_name=params.mlflow.registered_model
+    # The served form: validates requests and accepts tensors, raw pixels and PNGs.
+    info = log_serving_model(
+        out_dir / "model.keras", registered_model_name=params.mlflow.registered_model
     )
     registered = {
         "name": params.mlflow.registered_model,

@@ -1,0 +1,632 @@
+"""Tests for mnist_mlops.serving: input conversion and validation as plain functions, then a real
+`mlflow models serve` process scoring every request form and refusing bad input with a 400."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from mnist_mlops import serving
+from mnist_mlops.data import load_mnist
+from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
+from mnist_mlops.serving import InvalidInputError
+from mnist_mlops.training import to_model_input
+
+MNIST_DIR = Path(
+    os.environ.get("MNIST_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/mnist")
+)
+MODEL_NAME = "mnist-serving-test"
+TRAIN_IMAGES = 2000
+REQUEST_TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) as uint8, or skip: the tests want real digits."""
+    if not MNIST_DIR.is_dir():
+        pytest.skip(f"real MNIST not found at {MNIST_DIR} (set MNIST_DIR to the IDX files)")
+    arrays, _ = load_mnist(MNIST_DIR, MNIST_DIR, download=False)
+    return arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_b64(image: np.ndarray) -> str:
+    return b64(png_bytes(image))
+
+
+def blue_on_yellow(digit: np.ndarray) -> np.ndarray:
+    ink = digit[..., np.newaxis] / 255
+    return (np.array([255, 230, 40]) * (1 - ink) + np.array([20, 40, 200]) * ink).astype(np.uint8)
+
+
+def large_dark_on_light(digit: np.ndarray) -> np.ndarray:
+    """4x larger, black on white, off-centre on a wide canvas."""
+    big = np.asarray(Image.fromarray(255 - digit).resize((112, 112), Image.Resampling.BILINEAR))
+    return np.pad(big, ((10, 60), (90, 8)), constant_values=255)
+
+
+def transparent_black_ink(digit: np.ndarray) -> np.ndarray:
+    """A canvas export: black strokes whose alpha is the ink, on a transparent background."""
+    return np.dstack([np.zeros_like(digit)] * 3 + [digit])
+
+
+PNG_VARIANTS = {
+    "plain": lambda d: d,
+    "inverted": lambda d: 255 - d,
+    "colour": blue_on_yellow,
+    "large": large_dark_on_light,
+    "transparent": transparent_black_ink,
+    "16-bit": lambda d: d.astype(np.uint16) * 257,
+}
+
+
+# --- conversion and validation, no server -------------------------------------------------------
+
+
+def digit_like() -> np.ndarray:
+    """A synthetic uint8 28x28 '1'-ish stroke, for tests that need no real digit."""
+    image = np.zeros((28, 28), np.uint8)
+    image[4:24, 12:16] = 255
+    return image
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (28, 28), (784,)])
+def test_image_accepts_every_shape(shape):
+    floats = np.linspace(0, 1, 784, dtype=np.float32)
+    result = serving.image_to_array(floats.reshape(shape).tolist())
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, floats.reshape(28, 28))
+
+
+def test_image_takes_json_integers_0_and_1():
+    result = serving.image_to_array([[0, 1] * 14] * 28)
+    assert set(np.unique(result)) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (784,), (28, 28, 1)])
+def test_pixels_accepts_every_shape_as_lists_and_arrays(shape):
+    image = digit_like()
+    expected = image.astype(np.float32) / 255
+    np.testing.assert_array_equal(serving.pixels_to_array(image.reshape(shape).tolist()), expected)
+    np.testing.assert_array_equal(serving.pixels_to_array(image.reshape(shape)), expected)
+
+
+def test_pixels_accepts_base64_of_raw_bytes():
+    image = digit_like()
+    expected = image.astype(np.float32) / 255
+    text = b64(image.tobytes())
+    np.testing.assert_array_equal(serving.pixels_to_array(text), expected)
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` CLI output
+    np.testing.assert_array_equal(serving.pixels_to_array(wrapped), expected)
+    urlsafe = base64.urlsafe_b64encode(image.tobytes()).decode()
+    np.testing.assert_array_equal(serving.pixels_to_array(urlsafe), expected)
+
+
+def nested(value: Any, shape: tuple[int, ...] = (28, 28)) -> list:
+    return np.full(shape, 0.5).tolist() if value is None else np.full(shape, value).tolist()
+
+
+def with_cell(value: Any) -> list:
+    """28x28 integer zeros with `value` at [3][5]."""
+    rows = np.zeros((28, 28), int).tolist()
+    rows[3][5] = value
+    return rows
+
+
+BAD_IMAGES = [
+    ("wrong rank", np.zeros((28,)).tolist(), r"shape \[28\], expected one 28x28 image"),
+    ("wrong shape", np.zeros((27, 28)).tolist(), r"shape \[27, 28\]"),
+    ("a batch in one record", np.zeros((2, 28, 28, 1)).tolist(), r"a batch\?"),
+    ("nan", with_cell(float("nan")), r"NaN or infinity \(first at index \[3, 5\]\)"),
+    ("inf", with_cell(float("inf")), r"NaN or infinity"),
+    ("above 1", with_cell(1.5), r"must be in \[0, 1\], found 0\.\.1\.5"),
+    ("negative", with_cell(-0.25), r"must be in \[0, 1\], found -0\.25\.\.0"),
+    ("0..255 scale", nested(200.0), r"raw 0\.\.255 pixels go in 'pixels'"),
+    ("string", "0.5", r"got a string"),
+    ("strings inside", with_cell("0.5"), r"strings where numbers belong \(such as '0'\)"),
+    ("a word inside", with_cell("dark"), r"such as 'dark'"),
+    ("booleans", np.zeros((28, 28), bool).tolist(), r"booleans"),
+    ("null inside", with_cell(None), r"nulls"),
+    ("ragged rows", [[0.0] * 28] * 27 + [[0.0] * 27], r"nulls|rectangular"),
+    ("one number", 0.5, r"got one value"),
+    ("an object", {"data": [0.5]}, r"got an object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [c[1:] for c in BAD_IMAGES], ids=[c[0] for c in BAD_IMAGES]
+)
+def test_image_rejects(value, message):
+    with pytest.raises(InvalidInputError, match=message):
+        serving.image_to_array(value)
+
+
+BAD_PIXELS = [
+    (
+        "floats",
+        nested(0.5),
+        r"must be integers 0\.\.255, got floating-point numbers \(such as 0\.5\)",
+    ),
+    ("integral floats", nested(12.0), r"must be integers"),
+    ("above 255", with_cell(256), r"must be in 0\.\.255, found 0\.\.256"),
+    ("negative", with_cell(-1), r"must be in 0\.\.255, found -1\.\.0"),
+    ("nan", with_cell(float("nan")), r"NaN or infinity"),
+    ("huge integer", with_cell(10**30), r"out-of-range integers"),
+    ("wrong shape", np.zeros((28, 27), int).tolist(), r"shape \[28, 27\]"),
+    ("base64 of 783 bytes", b64(bytes(783)), r"decode to 784 bytes .* got 783 bytes"),
+    ("malformed base64", "abc$", r"not valid base64"),
+    ("empty string", "", r"empty string"),
+    ("too much base64", "A" * 5000, r"over the limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [c[1:] for c in BAD_PIXELS], ids=[c[0] for c in BAD_PIXELS]
+)
+def test_pixels_rejects(value, message):
+    with pytest.raises(InvalidInputError, match=message):
+        serving.pixels_to_array(value)
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(digit_like()).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+BAD_PNGS = [
+    ("a number", 7, r"must be a base64 string of a PNG file, got a number"),
+    ("an array", [1, 2], r"got an array"),
+    ("not base64", "%%%%", r"not valid base64"),
+    ("bad padding", "iVBORw0KGgo", r"not valid base64"),
+    ("not an image", b64(b"hello, world"), r"not a PNG file: it starts with b'hello, w'"),
+    ("truncated", b64(png_bytes(digit_like())[:60]), r"not a decodable PNG image"),
+    ("a JPEG", b64(jpeg_bytes()), r"not a PNG file"),
+    ("broken chunks", b64(png_bytes(digit_like())[:8] + bytes(80)), r"not a decodable PNG image"),
+    ("too many pixels", b64(png_of_size(5000, 4000)), r"5000x4000, over the limit"),
+    ("too long", "A" * (serving.MAX_PNG_BASE64_CHARS + 4), r"characters of base64, over the limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [c[1:] for c in BAD_PNGS], ids=[c[0] for c in BAD_PNGS]
+)
+def test_png_rejects(value, message):
+    with pytest.raises(InvalidInputError, match=message):
+        serving.png_to_array(value)
+
+
+def test_png_accepts_data_urls():
+    image = digit_like()
+    text = f"data:image/png;base64,{png_b64(image)}"
+    np.testing.assert_allclose(
+        serving.png_to_array(text), serving.png_to_array(png_b64(image)), atol=0
+    )
+
+
+def test_to_mnist_keeps_mnist_digits_nearly_as_they_are(mnist):
+    digits = mnist[2][:200]
+    converted = np.stack([serving.to_mnist(serving.decode_png(png_bytes(d))) for d in digits])
+    assert converted.dtype == np.float32
+    assert converted.shape == (200, 28, 28)
+    assert np.abs(converted - digits / 255).mean() < 0.002
+
+
+@pytest.mark.parametrize("variant", list(PNG_VARIANTS))
+def test_to_mnist_normalises_every_variant(mnist, variant):
+    digits = mnist[2][:50]
+    converted = np.stack(
+        [serving.to_mnist(serving.decode_png(png_bytes(PNG_VARIANTS[variant](d)))) for d in digits]
+    )
+    assert converted.min() >= 0 and converted.max() <= 1
+    assert np.abs(converted - digits / 255).mean() < 0.05, "white on black, like MNIST"
+    ys, xs = np.mgrid[0:28, 0:28]
+    mass = converted.sum(axis=(1, 2))
+    centre_y = (converted * ys).sum(axis=(1, 2)) / mass
+    centre_x = (converted * xs).sum(axis=(1, 2)) / mass
+    assert np.abs(centre_y - 14).max() < 1 and np.abs(centre_x - 14).max() < 1
+
+
+def test_to_mnist_fits_the_digit_into_20_pixels():
+    canvas = np.full((300, 200), 255.0)
+    canvas[50:250, 90:110] = 0  # a tall dark bar on white
+    result = serving.to_mnist(canvas)
+    rows, cols = np.flatnonzero(result.any(axis=1)), np.flatnonzero(result.any(axis=0))
+    assert rows[-1] - rows[0] + 1 == 20
+    assert cols[-1] - cols[0] + 1 <= 3
+
+
+def test_to_mnist_returns_blank_for_a_blank_image():
+    assert not serving.to_mnist(np.full((40, 40), 255.0)).any()
+
+
+def records(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows)
+
+
+def test_prepare_batch_mixes_forms_in_order():
+    image = digit_like()
+    batch = serving.prepare_batch(
+        records(
+            [
+                {"pixels": image.tolist()},
+                {"image": (image / 255)[..., np.newaxis].tolist()},
+                {"pixels": b64(image.tobytes())},
+                {"png": png_b64(image)},
+            ]
+        )
+    )
+    assert batch.shape == (4, 28, 28, 1) and batch.dtype == np.float32
+    for i in range(3):
+        np.testing.assert_allclose(batch[i, ..., 0], image / 255, atol=1e-7)
+    np.testing.assert_allclose(
+        batch[3, ..., 0], serving.to_mnist(image.astype(np.float32)), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pd.DataFrame(), r"holds no images"),
+        (records([{"pixels": [0] * 784}])[[]], r"holds no images"),
+        (records([{"pixels": [0] * 784}, {"png": None}]), r"record 1 has none of the fields"),
+        (
+            records([{"pixels": [0] * 784, "png": "x"}]),
+            r"record 0 has 2 \('pixels', 'png'\) of the fields",
+        ),
+        (records([{"pixels": [0] * 784}, {"pixels": [0.5] * 784}]), r"^record 1: 'pixels'"),
+        (
+            records([{"pixels": [0] * 784}] * (serving.MAX_BATCH + 1)),
+            rf"batch of {serving.MAX_BATCH + 1} images is over the limit of {serving.MAX_BATCH}",
+        ),
+    ],
+    ids=["empty", "no known field", "null field", "two fields", "names the record", "too many"],
+)
+def test_prepare_batch_rejects(frame, message):
+    with pytest.raises(InvalidInputError, match=message):
+        serving.prepare_batch(frame)
+
+
+def test_invalid_input_is_a_400():
+    assert InvalidInputError("x").get_http_status_code() == 400
+
+
+def test_format_predictions():
+    probabilities = np.eye(10, dtype=np.float32)[[3, 7]]
+    result = serving.format_predictions(probabilities)
+    assert [r["digit"] for r in result] == [3, 7]
+    assert result[1]["probabilities"] == probabilities[1].tolist()
+    json.dumps(result)  # plain Python types only
+
+
+# --- a real server ------------------------------------------------------------------------------
+
+
+class Served(NamedTuple):
+    server: serving.ScoringServer
+    model: keras.Model  # the Keras model behind the server, for in-process predictions
+    x: np.ndarray  # MNIST test images, uint8 [N, 28, 28]
+    experiment_id: str
+
+
+@pytest.fixture(scope="module")
+def served(mnist, tmp_path_factory):
+    """A real server for a small real model, registered as models:/<name>@champion."""
+    x_train, y_train, x_test, _ = mnist
+    keras.utils.set_random_seed(0)
+    model = build_model(**BASELINE_ARCHITECTURE, seed=0)
+    model.fit(to_model_input(x_train[:TRAIN_IMAGES]), y_train[:TRAIN_IMAGES], epochs=1, verbose=0)
+
+    store = tmp_path_factory.mktemp("mlflow")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        experiment_id = mlflow.create_experiment(
+            "serving-test", artifact_location=(store / "mlartifacts").as_uri()
+        )
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = serving.log_serving_model(model, registered_model_name=MODEL_NAME)
+        MlflowClient().set_registered_model_alias(
+            MODEL_NAME, "champion", info.registered_model_version
+        )
+        server = serving.ScoringServer(
+            f"models:/{MODEL_NAME}@champion", tracking_uri, store / "server.log"
+        )
+        server.start()
+        pids = server.pids()
+        try:
+            yield Served(server, model, x_test, experiment_id)
+        finally:
+            server.stop()
+        leaked = [pid for pid in pids if psutil.pid_exists(pid)]
+        assert not leaked, f"server processes still exist after stop(): {leaked}"
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def post(
+    server: serving.ScoringServer, payload: Any, content_type: str = "application/json"
+) -> tuple[int, Any]:
+    body = payload if isinstance(payload, bytes | str) else json.dumps(payload)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
+    try:
+        connection.request("POST", "/invocations", body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        raw = response.read()
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(raw)
+    except json.JSONDecodeError:
+        return response.status, raw.decode(errors="replace")
+
+
+def predictions(server: serving.ScoringServer, payload: Any) -> tuple[np.ndarray, np.ndarray]:
+    status, answer = post(server, payload)
+    assert status == 200, answer
+    rows = answer["predictions"]
+    return np.array([r["digit"] for r in rows]), np.array([r["probabilities"] for r in rows])
+
+
+def assert_matches_in_process(
+    server: serving.ScoringServer, model: keras.Model, payload: Any, images: np.ndarray
+) -> None:
+    """The server's answers equal predict_on_batch on the same float32 [N, 28, 28, 1] images."""
+    digits, probabilities = predictions(server, payload)
+    expected = model.predict_on_batch(images)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_array_equal(digits, expected.argmax(axis=1))
+
+
+@pytest.mark.slow
+def test_signature_and_metadata_document_the_forms(served):
+    server = served.server
+    info = mlflow.models.get_model_info(server.model_uri)
+    assert info.signature.inputs.input_names() == list(serving.FIELDS)
+    assert info.signature.outputs.input_names() == ["digit", "probabilities"]
+    assert set(info.metadata["request_forms"]) == {*serving.FIELDS, "max_batch"}
+
+
+def float_forms(x: np.ndarray) -> dict[str, Any]:
+    floats = to_model_input(x)
+    return {
+        "records [28,28,1]": {"dataframe_records": [{"image": i.tolist()} for i in floats]},
+        "records [28,28]": {"dataframe_records": [{"image": i[..., 0].tolist()} for i in floats]},
+        "records [784]": {"dataframe_records": [{"image": i.ravel().tolist()} for i in floats]},
+        "columns [N,28,28,1]": {"inputs": {"image": floats.tolist()}},
+        "columns [N,28,28]": {"inputs": {"image": floats[..., 0].tolist()}},
+        "split": {
+            "dataframe_split": {"columns": ["image"], "data": [[i.tolist()] for i in floats]}
+        },
+    }
+
+
+def pixel_forms(x: np.ndarray) -> dict[str, Any]:
+    return {
+        "records [28,28]": {"dataframe_records": [{"pixels": i.tolist()} for i in x]},
+        "records [784]": {"dataframe_records": [{"pixels": i.ravel().tolist()} for i in x]},
+        "records base64": {"dataframe_records": [{"pixels": b64(i.tobytes())} for i in x]},
+        "columns [N,28,28]": {"inputs": {"pixels": x.tolist()}},
+        "columns [N,784]": {"inputs": {"pixels": x.reshape(len(x), -1).tolist()}},
+        "instances": {"instances": [{"pixels": i.tolist()} for i in x]},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", list(float_forms(np.zeros((1, 28, 28), np.uint8))))
+def test_float_images_over_http(served, form):
+    server, model, x, _ = served
+    images = x[:16]
+    assert_matches_in_process(server, model, float_forms(images)[form], to_model_input(images))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", list(pixel_forms(np.zeros((1, 28, 28), np.uint8))))
+def test_raw_pixels_over_http(served, form):
+    server, model, x, _ = served
+    images = x[16:32]
+    assert_matches_in_process(server, model, pixel_forms(images)[form], to_model_input(images))
+
+
+@pytest.mark.slow
+def test_a_single_image(served):
+    server, model, x, _ = served
+    payload = {"dataframe_records": [{"pixels": x[100].tolist()}]}
+    assert_matches_in_process(server, model, payload, to_model_input(x[100:101]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(PNG_VARIANTS))
+def test_png_images_over_http(served, variant):
+    server, model, x, _ = served
+    images = x[32:64]
+    pngs = [png_bytes(PNG_VARIANTS[variant](image)) for image in images]
+    converted = np.stack([serving.to_mnist(serving.decode_png(p)) for p in pngs])[..., None]
+    payload = {"dataframe_records": [{"png": b64(p)} for p in pngs]}
+    assert_matches_in_process(server, model, payload, converted)
+    digits, _ = predictions(server, payload)
+    raw_digits = model.predict_on_batch(to_model_input(images)).argmax(axis=1)
+    # A 1-epoch model is unsure of some digits, so resampling may flip a few of them.
+    assert np.sum(digits == raw_digits) >= 26, "PNGs are read as the same digits as the arrays"
+
+
+@pytest.mark.slow
+def test_png_columns_and_mixed_records_over_http(served):
+    server, model, x, _ = served
+    images = x[64:70]
+    pngs = [png_b64(i) for i in images]
+    columns = {"inputs": {"png": pngs}}
+    converted = np.stack([serving.png_to_array(p) for p in pngs])[..., None]
+    assert_matches_in_process(server, model, columns, converted)
+    mixed = {
+        "dataframe_records": [
+            {"image": (images[0] / 255).tolist()},
+            {"pixels": images[1].tolist()},
+            {"pixels": b64(images[2].tobytes())},
+            {"png": pngs[3]},
+        ]
+    }
+    expected = np.concatenate([to_model_input(images[:3]), converted[3:4]])
+    assert_matches_in_process(server, model, mixed, expected)
+
+
+@pytest.mark.slow
+def test_a_full_batch_over_http(served):
+    server, model, x, _ = served
+    images = x[: serving.MAX_BATCH]
+    payload = {"dataframe_records": [{"pixels": b64(i.tobytes())} for i in images]}
+    assert_matches_in_process(server, model, payload, to_model_input(images))
+
+
+def record(**fields: Any) -> dict[str, Any]:
+    return {"dataframe_records": [fields]}
+
+
+def deeply_nested(depth: int) -> str:
+    return '{"dataframe_records": [{"image": ' + "[" * depth + "]" * depth + "}]}"
+
+
+# (id, body, regex the error message must match); every one must get a 4xx, never a 500.
+BAD_REQUESTS: list[tuple[str, Any, str]] = [
+    ("not JSON", '{"dataframe_records": [', r"valid JSON"),
+    ("a JSON list", "[1, 2]", r"must be a JSON dictionary"),
+    ("unknown top-level field", {"records": [{"pixels": [0] * 784}]}, r"exactly one of"),
+    ("two top-level fields", {"inputs": {}, "instances": []}, r"exactly one of"),
+    ("records not a list", {"dataframe_records": {"pixels": [0]}}, r"list of records"),
+    ("misspelt field", record(pixel=[0] * 784), r"holds no images"),
+    ("misspelt column", {"inputs": {"img": [[0.0] * 784]}}, r"holds no images"),
+    ("empty batch", {"dataframe_records": []}, r"holds no images"),
+    ("an empty record", {"dataframe_records": [{}]}, r"holds no images"),
+    ("two forms in a record", record(pixels=[0] * 784, png="x"), r"has 2 \('pixels', 'png'\)"),
+    (
+        "a record without an image",
+        {"dataframe_records": [{"pixels": [0] * 784}, {"pixels": None}]},
+        r"record 1 has none",
+    ),
+    ("image of wrong rank", record(image=[0.0] * 28), r"shape \[28\]"),
+    ("image of wrong shape", record(image=nested(0.5, (28, 27))), r"shape \[28, 27\]"),
+    ("a batch in one record", record(image=nested(0.5, (3, 28, 28))), r"a batch\?"),
+    ("NaN", record(image=with_cell(float("nan"))), r"NaN or infinity"),
+    ("Infinity", record(image=with_cell(float("inf"))), r"NaN or infinity"),
+    ("1e400", '{"dataframe_records": [{"image": [' + "1e400," * 783 + "0]}]}", r"infinity"),
+    ("image above 1", record(image=with_cell(1.01)), r"must be in \[0, 1\]"),
+    ("image below 0", record(image=with_cell(-0.01)), r"must be in \[0, 1\]"),
+    ("0..255 as image", record(image=nested(255.0)), r"go in 'pixels'"),
+    ("a string as image", record(image="0.5"), r"got a string"),
+    ("strings in an image", record(image=with_cell("x")), r"strings where numbers belong"),
+    ("booleans", record(image=np.ones((28, 28), bool).tolist()), r"booleans"),
+    ("null in an image", record(image=with_cell(None)), r"nulls"),
+    ("ragged rows", record(image=[[0.0] * 28] * 27 + [[0.0] * 20]), r"rectangular|nulls"),
+    ("one number as image", record(image=0.5), r"one value"),
+    ("an object as image", record(image={"x": 1}), r"got an object"),
+    ("float pixels", record(pixels=nested(0.5)), r"must be integers 0\.\.255"),
+    ("pixels above 255", record(pixels=with_cell(300)), r"found 0\.\.300"),
+    ("negative pixels", record(pixels=with_cell(-3)), r"found -3\.\.0"),
+    ("huge integer pixel", record(pixels=with_cell(10**40)), r"out-of-range integers"),
+    ("pixels of wrong size", record(pixels=[0] * 783), r"shape \[783\]"),
+    ("short raw pixels", record(pixels=b64(bytes(700))), r"got 700 bytes"),
+    ("malformed base64 pixels", record(pixels="AAA*"), r"not valid base64"),
+    ("malformed base64 png", record(png="not base64!"), r"not valid base64"),
+    ("undecodable png", record(png=b64(b"\x89PNG\r\n\x1a\n" + bytes(50))), r"not a decodable PNG"),
+    ("a JPEG as png", record(png=b64(jpeg_bytes())), r"not a PNG file"),
+    ("png too large", record(png=b64(png_of_size(4097, 4097))), r"over the limit"),
+    ("empty png", record(png=""), r"empty string"),
+    ("a number as png", record(png=5), r"must be a base64 string"),
+    (
+        "batch over the limit",
+        {"dataframe_records": [{"pixels": b64(bytes(784))}] * (serving.MAX_BATCH + 1)},
+        rf"over the limit of {serving.MAX_BATCH}",
+    ),
+    ("mixed instances", {"instances": [{"pixels": [0] * 784}, {"png": "x"}]}, r"has 2"),
+    ("deep nesting", deeply_nested(100), r"shape|rectangular|nulls"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "message"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_get_a_400_that_says_why(served, body, message):
+    server = served.server
+    status, answer = post(server, body)
+    assert status == 400, answer
+    assert isinstance(answer, dict) and answer["error_code"] in (
+        "BAD_REQUEST",
+        "INVALID_PARAMETER_VALUE",
+    ), answer
+    assert re.search(message, answer["message"]), answer["message"][-500:]
+    assert server.ping(), "the server still answers /ping"
+
+
+@pytest.mark.slow
+def test_wrong_content_type_is_a_415(served):
+    server = served.server
+    status, _ = post(server, "pixels=0", content_type="text/plain")
+    assert status == 415
+    assert server.ping()
+
+
+@pytest.mark.slow
+def test_server_still_scores_after_bad_requests(served):
+    server, model, x, _ = served
+    for body in (deeply_nested(100), "[", record(png=b64(b"junk"))):
+        post(server, body)
+    assert_matches_in_process(
+        server, model, {"dataframe_records": [{"pixels": x[0].tolist()}]}, to_model_input(x[:1])
+    )
+
+
+@pytest.mark.slow
+def test_log_serving_model_from_a_keras_file(served, tmp_path):
+    _, model, x, experiment_id = served
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = serving.log_serving_model(path)
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    result = pyfunc.predict(pd.DataFrame({"pixels": list(x[:4])}))
+    expected = model.predict_on_batch(to_model_input(x[:4]))
+    np.testing.assert_allclose([r["probabilities"] for r in result], expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_load_keras_model_reads_both_flavors(served):
+    _, model, x, experiment_id = served
+    with mlflow.start_run(experiment_id=experiment_id):
+        keras_flavor = mlflow.keras.log_model(model, name="keras", pip_requirements=["keras"])
+    images = to_model_input(x[:4])
+    expected = model.predict_on_batch(images)
+    for uri in (served.server.model_uri, keras_flavor.model_uri):
+        loaded = serving.load_keras_model(uri)
+        np.testing.assert_allclose(loaded.predict_on_batch(images), expected, atol=1e-6)

@@ -39,6 +39,7 @@ from serving import (
     machine,
     mnist_test_images,
     request_body,
+    run_concurrently,
     served_model,
 )
 
@@ -142,13 +143,7 @@ def load(
         finally:
             client.close()
 
-    threads = [threading.Thread(target=work) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - start
+    seconds = run_concurrently(work, concurrency)
     result = Result(np.array(latencies), seconds, len(latencies), sum(errors.values()))
     return result, errors, unsent
 

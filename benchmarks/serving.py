@@ -244,14 +244,19 @@ def run_clients(
         finally:
             client.close()
 
+    elapsed = run_concurrently(work, concurrency)
+    return Result(np.array(latencies), elapsed, len(latencies) * images_per_request, errors)
+
+
+def run_concurrently(work: Callable[[], None], concurrency: int) -> float:
+    """Run `work` in `concurrency` threads at once; return the wall seconds until all finish."""
     threads = [threading.Thread(target=work) for _ in range(concurrency)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - start
-    return Result(np.array(latencies), elapsed, len(latencies) * images_per_request, errors)
+    return time.perf_counter() - start
 
 
 def best(results: list[Result], by: str) -> Result:

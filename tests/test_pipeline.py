@@ -160,3 +160,44 @@ def test_forced_rerun_reproduces_the_same_metrics(project):
         check=True,
     )
     assert "tuned_test_accuracy" in shown.stdout
+
+
+def test_experiment_with_another_tuner_is_compared_by_exp_show(project):
+    root, env = project["root"], project["env"]
+    result = subprocess.run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "hyperband",
+            "-S",
+            "tune.tuner=hyperband",
+            "-S",
+            "tune.max_epochs=2",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    experiments = [
+        exp
+        for commit in json.loads(shown.stdout)
+        for exp in (commit.get("experiments") or [])
+        if exp.get("name") == "hyperband"
+    ]
+    assert experiments, shown.stdout[:2000]
+    data = experiments[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["tune"]["tuner"] == "hyperband"
+    assert "tuned_test_accuracy" in data["metrics"]["evaluation/metrics.json"]["data"]
+    assert data["metrics"]["tuning/metrics.json"]["data"]["trials"] >= 1

@@ -16,12 +16,12 @@ test: $(INSTALLED) lint
 	pytest
 
 lint: $(INSTALLED)
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
 
 format: $(INSTALLED)
-	ruff check --fix src tests
-	ruff format src tests
+	ruff check --fix src tests benchmarks
+	ruff format src tests benchmarks
 
 $(INSTALLED): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }

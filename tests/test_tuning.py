@@ -178,7 +178,7 @@ def test_killed_search_resumes_without_retraining_or_duplicating_runs(
     raw = merged_params(
         {
             "prepare": {"train_subset": 2000, "val_size": 400},
-            "tune": {"tuner": "random", "max_trials": 3, "epochs": 3},
+            "tune": {"tuner": "random", "max_trials": 3, "epochs": 3, "max_conv_mmacs": None},
         }
     )
     (project / "params.yaml").write_text(yaml.safe_dump(raw))

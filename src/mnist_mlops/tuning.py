@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mnist_mlops import models
 from mnist_mlops.config import TuneParams
 from mnist_mlops.tracking import EpochMetricsLogger
+from mnist_mlops.training import write_json
 
 OBJECTIVE = "val_accuracy"
 PROJECT = "search"
@@ -252,9 +253,9 @@ def resumable_run_id(state_dir: Path, fingerprint: str) -> str | None:
 
 
 def save_state(state_dir: Path, fingerprint: str, run_id: str, finished: bool) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # Atomic: a search killed while writing must still find readable state on resume.
     state = {"fingerprint": fingerprint, "run_id": run_id, "finished": finished}
-    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    write_json(state_dir / STATE_FILE, state)
 
 
 def kill_orphaned_trial_runs(parent_run_id: str) -> int:

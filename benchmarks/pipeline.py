@@ -161,7 +161,11 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, help="override params.yaml's seed")
     parser.add_argument("--workdir", type=Path, help="where to put the copy (default: a temp dir)")
-    parser.add_argument("--skip-time-to-target", action="store_true")
+    parser.add_argument(
+        "--skip-time-to-target",
+        action="store_true",
+        help="skip the extra training run that times the retrained configuration to 99%%",
+    )
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mnist-bench-"))

@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +41,8 @@ from serving import (
     run_concurrently,
     served_model,
 )
+
+from mnist_mlops.serving import ping
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MIB = 2**20
@@ -96,14 +97,6 @@ def server_pids(url: str, started: list[int] | None) -> list[int]:
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
     ]
     return listeners[:1]
-
-
-def ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def load(
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.monotonic() + args.max_seconds,
             )
         after = monitor.rss()
-        alive = ping(url)
+        alive = ping(url, timeout=5)
 
     percentiles = "  ".join(f"p{q} {result.percentile(q):.2f} ms" for q in (50, 90, 95, 99, 99.9))
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; server {url}")

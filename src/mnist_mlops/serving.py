@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -514,11 +513,7 @@ class ScoringServer:
             time.sleep(0.25)
 
     def ping(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return ping(self.url)
 
     def pids(self) -> list[int]:
         """The `mlflow models serve` process and the uvicorn process it runs."""
@@ -541,6 +536,15 @@ class ScoringServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def ping(url: str, timeout: float = 2.0) -> bool:
+    """Whether the scoring server at `url` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:  # URLError, refused connections and timeouts alike
+        return False
 
 
 def _process_tree(pid: int) -> list[int]:

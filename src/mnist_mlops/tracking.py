@@ -30,8 +30,6 @@ from mnist_mlops.config import Params
 _EXPS_TEMP_DIR = Path(".dvc") / "tmp" / "exps"
 # Requirements recorded with logged models; listing them avoids mlflow's ~10 s dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
-# The package behind each Keras backend: a logged model needs the one it was trained with.
-_BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
 def project_root() -> Path:
@@ -183,8 +181,9 @@ class EpochMetricsLogger(keras.callbacks.Callback):
 
 
 def model_requirements() -> list[str]:
-    """Pinned pip requirements of a logged model: these libraries and the active Keras backend."""
-    names = (*_MODEL_REQUIREMENTS, _BACKEND_PACKAGES[keras.backend.backend()])
+    """Pinned pip requirements of a logged model: these libraries and the active Keras backend
+    (the backend it was trained with; each is named after its package, e.g. tensorflow, jax)."""
+    names = dict.fromkeys((*_MODEL_REQUIREMENTS, keras.backend.backend()))
     return [f"{name}=={metadata.version(name)}" for name in names]
 
 

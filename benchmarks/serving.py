@@ -50,7 +50,7 @@ from PIL import Image
 from mnist_mlops.data import load_mnist
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.serving import ScoringServer, log_serving_model
-from mnist_mlops.training import seed_everything, to_model_input
+from mnist_mlops.training import one_hot, seed_everything, to_model_input
 
 DEFAULT_MNIST_DIR = Path("/work/shared/data/mnist")
 DEMO_MODEL = "mnist-serving-benchmark"
@@ -91,7 +91,7 @@ def train_small_model(mnist_dir: Path, images: int, epochs: int, seed: int = 0) 
     seed_everything(seed)
     model = build_model(**BASELINE_ARCHITECTURE, seed=seed)
     x, y = arrays.x_train[:images], arrays.y_train[:images]
-    model.fit(to_model_input(x), y, epochs=epochs, batch_size=64, verbose=0)
+    model.fit(to_model_input(x), one_hot(y), epochs=epochs, batch_size=64, verbose=0)
     return model
 
 

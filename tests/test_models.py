@@ -1,6 +1,7 @@
 """The model builder, and the search space pinned name by name (Keras Tuner swallows build errors
 inside trials, so the builder and the hypermodel are tested directly)."""
 
+import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from mnist_mlops.models import (
     sample_architecture,
     sample_batch_size,
 )
+from mnist_mlops.training import one_hot
 
 # name: (kind, range and default, conditions). A change to the space must change this table.
 PINNED_SPACE = {
@@ -191,6 +193,45 @@ def test_cosine_schedule_decays_the_learning_rate():
     assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_smoothing_sets_the_loss_target(smoothing):
+    model = build_model(**BASELINE_ARCHITECTURE, label_smoothing=smoothing)
+    labels = one_hot(np.array([3, 7]))
+    confident = np.where(labels == 1, 1 - 1e-6, 1e-7).astype("float32")
+    smoothed = labels * (1 - smoothing) + smoothing / 10
+    # The loss is smallest where the prediction equals the smoothed target, not the one-hot one.
+    assert float(model.loss(labels, smoothed)) <= float(model.loss(labels, confident))
+    assert (float(model.loss(labels, confident)) < 1e-4) == (smoothing == 0)
+
+
+def test_hypermodel_trains_trials_in_the_retrain_regime():
+    x = np.random.default_rng(0).random((64, 28, 28, 1), dtype="float32")
+    y = one_hot(np.arange(64) % 10)
+
+    def trained_weights(**regime):
+        keras.utils.set_random_seed(0)
+        hypermodel = MnistHyperModel(seed=0, **regime)
+        hp = kt.HyperParameters()
+        model = hypermodel.build(hp)
+        hypermodel.fit(hp, model, x, y, epochs=1, verbose=0)
+        return model.loss.get_config()["label_smoothing"], model.get_weights()
+
+    smoothing, plain = trained_weights()
+    assert smoothing == 0
+    assert trained_weights(augment=True, label_smoothing=0.1)[0] == 0.1
+    # Same seed and data: only the random affine copies can make the weights differ.
+    _, plain_again = trained_weights()
+    _, augmented = trained_weights(augment=True)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, plain_again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, augmented, strict=True))
+
+
+def test_one_hot_targets():
+    np.testing.assert_array_equal(one_hot(np.array([0, 9])).argmax(axis=1), [0, 9])
+    assert one_hot(np.array([2])).dtype == np.float32
+    assert one_hot(np.array([2])).sum() == 1
+
+
 def test_conv_cost_of_reference_architectures():
     assert conv_macs(**BASELINE_ARCHITECTURE) == 26 * 26 * 32 * 9 + 11 * 11 * 64 * 32 * 9
     assert conv_macs((32, 64), kernel_size=3) == 28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9
@@ -202,7 +243,7 @@ def test_the_cost_cap_fails_expensive_trials_before_training():
     hp.values.update({"conv_blocks": 2, "convs_per_block": 2, "kernel_size": 5})
     hypermodel = MnistHyperModel(seed=0, max_conv_mmacs=8)
     model = hypermodel.build(hp)
-    x, y = np.zeros((4, 28, 28, 1), "float32"), np.zeros(4)
+    x, y = np.zeros((4, 28, 28, 1), "float32"), one_hot(np.zeros(4, "int64"))
     with pytest.raises(kt.errors.FailedTrialError, match=r"exceeds tune.max_conv_mmacs = 8"):
         hypermodel.fit(hp, model, x, y, epochs=1, verbose=0)
     cheap = kt.HyperParameters()

@@ -25,7 +25,7 @@ from mnist_mlops import serving
 from mnist_mlops.data import load_mnist
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.serving import InvalidInputError
-from mnist_mlops.training import to_model_input
+from mnist_mlops.training import one_hot, to_model_input
 
 MNIST_DIR = Path(
     os.environ.get("MNIST_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/mnist")
@@ -345,7 +345,9 @@ def served(mnist, tmp_path_factory):
     x_train, y_train, x_test, _ = mnist
     keras.utils.set_random_seed(0)
     model = build_model(**BASELINE_ARCHITECTURE, seed=0)
-    model.fit(to_model_input(x_train[:TRAIN_IMAGES]), y_train[:TRAIN_IMAGES], epochs=1, verbose=0)
+    model.fit(
+        to_model_input(x_train[:TRAIN_IMAGES]), one_hot(y_train[:TRAIN_IMAGES]), epochs=1, verbose=0
+    )
 
     store = tmp_path_factory.mktemp("mlflow")
     tracking_uri = f"sqlite:///{store / 'mlflow.db'}"

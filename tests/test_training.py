@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from mnist_mlops.augmentation import AugmentedBatches, random_affine
 from mnist_mlops.models import build_model
-from mnist_mlops.training import AugmentedBatches, fit, random_affine, seed_everything
+from mnist_mlops.training import fit, seed_everything
 
 
 def _digits(n: int = 16) -> np.ndarray:

@@ -22,7 +22,7 @@ from mnist_mlops import data, tuning
 from mnist_mlops.config import TuneParams, parse_params
 from mnist_mlops.models import MnistHyperModel
 from mnist_mlops.stages import prepare
-from mnist_mlops.training import to_model_input
+from mnist_mlops.training import one_hot, to_model_input
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,12 @@ def small_mnist(mnist_dir: Path) -> dict[str, np.ndarray]:
     arrays, _ = data.load_mnist(mnist_dir, mnist_dir)
     x, y = data.stratified_subset(arrays.x_train, arrays.y_train, 1200, seed=0)
     x_tr, y_tr, x_val, y_val = data.stratified_split(x, y, 300, seed=0)
-    return {"x": to_model_input(x_tr), "y": y_tr, "x_val": to_model_input(x_val), "y_val": y_val}
+    return {
+        "x": to_model_input(x_tr),
+        "y": one_hot(y_tr),
+        "x_val": to_model_input(x_val),
+        "y_val": one_hot(y_val),
+    }
 
 
 def tune_params(**overrides) -> TuneParams:
@@ -48,6 +53,8 @@ def tune_params(**overrides) -> TuneParams:
         "early_stopping_patience": 1,
         "search_subset": None,
         "max_conv_mmacs": None,
+        "augment": True,
+        "label_smoothing": 0.1,
     }
     return TuneParams(**{**values, **overrides})
 

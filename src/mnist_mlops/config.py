@@ -40,6 +40,7 @@ class BaselineParams(_Section):
     epochs: PositiveInt
     batch_size: PositiveInt
     learning_rate: float = Field(gt=0)
+    label_smoothing: float = Field(ge=0, lt=1)
 
 
 class TuneParams(_Section):
@@ -54,12 +55,15 @@ class TuneParams(_Section):
     early_stopping_patience: PositiveInt
     search_subset: PositiveInt | None
     max_conv_mmacs: float | None = Field(gt=0)
+    augment: bool
+    label_smoothing: float = Field(ge=0, lt=1)
 
 
 class RetrainParams(_Section):
     epochs: PositiveInt
     augment: bool
     lr_schedule: Literal["constant", "cosine"]
+    label_smoothing: float = Field(ge=0, lt=1)
 
 
 class EvaluateParams(_Section):

@@ -159,7 +159,10 @@ def make_tuner(
     `hypermodel` defaults to the project's search space.
     """
     common: dict[str, Any] = {
-        "hypermodel": hypermodel or models.MnistHyperModel(seed, params.max_conv_mmacs),
+        "hypermodel": hypermodel
+        or models.MnistHyperModel(
+            seed, params.max_conv_mmacs, params.augment, params.label_smoothing
+        ),
         "objective": OBJECTIVE,
         "executions_per_trial": params.executions_per_trial,
         "seed": seed,
@@ -207,6 +210,7 @@ def search_fingerprint(params: TuneParams, seed: int, data_digest: str) -> str:
     space_code = "".join(
         inspect.getsource(fn)
         for fn in (
+            models.build_model,
             models.sample_architecture,
             models._filters,
             models._mlp_units,

@@ -32,6 +32,7 @@ def run(params: Params, prepared_dir: Path, out_dir: Path, run_id: str) -> dict[
         **BASELINE_ARCHITECTURE,
         "optimizer": "adam",
         "learning_rate": params.baseline.learning_rate,
+        "label_smoothing": params.baseline.label_smoothing,
     }
     model = build_model(**architecture, seed=params.seed)
     model.summary(print_fn=lambda line, **_: print(line))

@@ -48,6 +48,7 @@ def run(
     architecture = {
         **best["architecture"],
         "decay_steps": steps if params.retrain.lr_schedule == "cosine" else None,
+        "label_smoothing": params.retrain.label_smoothing,
     }
     model = build_model(**architecture, seed=params.seed)
     model.summary(print_fn=lambda line, **_: print(line))

@@ -21,6 +21,7 @@ from mnist_mlops.data import load_split, stratified_subset
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
 from mnist_mlops.tracking import stage_run
 from mnist_mlops.training import (
+    one_hot,
     progress_verbosity,
     read_json,
     seed_everything,
@@ -48,8 +49,8 @@ def run(params: Params, prepared_dir: Path, out_dir: Path, state_dir: Path, run_
     started = time.monotonic()
     tuner.search(
         to_model_input(x_train),
-        y_train,
-        validation_data=(to_model_input(x_val), y_val),
+        one_hot(y_train),
+        validation_data=(to_model_input(x_val), one_hot(y_val)),
         epochs=params.tune.epochs,
         callbacks=[
             keras.callbacks.EarlyStopping(

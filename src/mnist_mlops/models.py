@@ -59,8 +59,8 @@ def build_model(
     `decay_steps` turns the constant learning rate into a cosine decay over that many steps.
     `label_smoothing` trains towards 1 - s on the true class and s / 10 on every class instead of
     a one-hot target, which penalises overconfident fits.
-    (Augmentation happens in the input pipeline, `training.fit`, so saved models hold no
-    training-only layers.)
+    (Augmentation happens in the input pipeline, `augmentation.AugmentedBatches`, so saved
+    models hold no training-only layers.)
     """
     if family not in ("cnn", "mlp"):
         raise ValueError(f"family must be 'cnn' or 'mlp', got {family!r}")

@@ -6,6 +6,8 @@ Used by `training.fit` (baseline, retrain) and by the tuner's trials (`models.Mn
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 
@@ -67,3 +69,12 @@ class AugmentedBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(len(self.y))
+
+
+def fit_data(
+    x: np.ndarray, y: np.ndarray, batch_size: int, augment_seed: int | None
+) -> dict[str, Any]:
+    """`model.fit`'s data arguments: seeded augmented batches, or the arrays themselves."""
+    if augment_seed is None:
+        return {"x": x, "y": y, "batch_size": batch_size}
+    return {"x": AugmentedBatches(x, y, batch_size, augment_seed)}

@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 import keras
 import keras_tuner as kt
+import numpy as np
 
-from mnist_mlops.augmentation import AugmentedBatches
+from mnist_mlops.augmentation import fit_data
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -237,7 +238,14 @@ class MnistHyperModel(kt.HyperModel):
             **sample_architecture(hp), label_smoothing=self.label_smoothing, seed=self.seed
         )
 
-    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+    def fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        **kwargs: Any,
+    ) -> Any:
         # Checked here, not in build(): Keras Tuner also builds every branch of the space when
         # it starts, and an exception there would stop the whole search.
         architecture = sample_architecture(hp)
@@ -248,8 +256,5 @@ class MnistHyperModel(kt.HyperModel):
                     f"conv cost {mmacs:.1f} MMACs/image exceeds tune.max_conv_mmacs "
                     f"= {self.max_conv_mmacs}"
                 )
-        batch_size = sample_batch_size(hp)
-        if self.augment:
-            (x, y), rest = args[:2], args[2:]
-            return model.fit(AugmentedBatches(x, y, batch_size, self.seed), *rest, **kwargs)
-        return model.fit(*args, batch_size=batch_size, **kwargs)
+        augment_seed = self.seed if self.augment else None
+        return model.fit(**fit_data(x, y, sample_batch_size(hp), augment_seed), **kwargs)

@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from mnist_mlops.augmentation import AugmentedBatches
+from mnist_mlops.augmentation import fit_data
 from mnist_mlops.errors import PipelineError
 from mnist_mlops.models import NUM_CLASSES
 
@@ -75,14 +75,8 @@ def fit(
 
     With `augment_seed`, every epoch sees freshly transformed copies of the training images.
     """
-    x, y = to_model_input(train[0]), one_hot(train[1])
-    inputs = (
-        {"x": AugmentedBatches(x, y, batch_size, augment_seed)}
-        if augment_seed is not None
-        else {"x": x, "y": y, "batch_size": batch_size}
-    )
     history = model.fit(
-        **inputs,
+        **fit_data(to_model_input(train[0]), one_hot(train[1]), batch_size, augment_seed),
         validation_data=(to_model_input(val[0]), one_hot(val[1])) if val is not None else None,
         epochs=epochs,
         # The timer runs first, so the loggers after it see epoch_seconds.

@@ -161,7 +161,10 @@ def make_tuner(
     common: dict[str, Any] = {
         "hypermodel": hypermodel
         or models.MnistHyperModel(
-            seed, params.max_conv_mmacs, params.augment, params.label_smoothing
+            seed,
+            max_conv_mmacs=params.max_conv_mmacs,
+            augment=params.augment,
+            label_smoothing=params.label_smoothing,
         ),
         "objective": OBJECTIVE,
         "executions_per_trial": params.executions_per_trial,

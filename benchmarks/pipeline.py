@@ -5,7 +5,7 @@ Runs the real `dvc repro`, stage by stage, in a fresh copy of the repository (it
 store; your workspace and store are untouched):
 
     python benchmarks/pipeline.py                 # the default params (what `make run` does)
-    python benchmarks/pipeline.py --profile ci    # the CI profile, 1.5-2.5 minutes
+    python benchmarks/pipeline.py --profile ci    # the CI profile, about a minute
     python benchmarks/pipeline.py --seed 7        # the default params with another seed
 
 MNIST comes from $MNIST_DIR (as for `make run`).

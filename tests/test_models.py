@@ -9,6 +9,7 @@ import pytest
 from mnist_mlops.models import (
     BASELINE_ARCHITECTURE,
     MnistHyperModel,
+    average_ensemble,
     build_model,
     conv_macs,
     sample_architecture,
@@ -224,6 +225,24 @@ def test_hypermodel_trains_trials_in_the_retrain_regime():
     _, augmented = trained_weights(augment=True)
     assert all(np.array_equal(a, b) for a, b in zip(plain, plain_again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(plain, augmented, strict=True))
+
+
+def test_ensemble_averages_its_members_and_saves_as_one_model(tmp_path):
+    tiny = {"conv_filters": (4,), "dense_units": (8,)}
+    members = [build_model(**tiny, seed=seed) for seed in (0, 1)]
+    images = np.random.default_rng(0).random((5, 28, 28, 1), dtype="float32")
+    expected = np.mean([member.predict(images, verbose=0) for member in members], axis=0)
+    ensemble = average_ensemble(members)
+    names = [layer.name for layer in ensemble.layers]
+    assert names == ["image", "member_0", "member_1", "probabilities"]
+    # Inference copies: no optimizer (and its state) rides along in the saved file.
+    assert not any(ensemble.get_layer(name).compiled for name in names[1:3])
+    np.testing.assert_allclose(ensemble.predict(images, verbose=0), expected, rtol=1e-6)
+    ensemble.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-6)
+    assert not np.allclose(members[0].predict(images, verbose=0), expected)
+    assert average_ensemble(members[:1]) is members[0]
 
 
 def test_one_hot_targets():

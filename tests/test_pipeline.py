@@ -63,7 +63,8 @@ def _repro(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-CI = merged_params()["mlflow"]
+CI_PARAMS = merged_params()
+CI = CI_PARAMS["mlflow"]
 
 
 def _runs(uri: str) -> list:
@@ -103,18 +104,32 @@ def test_pipeline_runs_are_tracked_as_described(project):
 
     tune = stage_runs["tune"]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
-    assert len(trials) == 2 == tune.data.metrics["trials_completed"]
-    for trial in trials:
-        assert trial.data.tags["trial_status"] == "COMPLETED"
-        assert "family" in trial.data.params
+    assert len(trials) == 3
+    status = {t.data.tags["trial_status"]: t for t in trials if t.data.params["family"] == "cnn"}
+    # The profile's one CNN draw costs more than tune.max_conv_mmacs: refused before training.
+    assert list(status) == ["FAILED"]
+    assert "exceeds tune.max_conv_mmacs" in status["FAILED"].data.tags["error"]
+    assert not client.get_metric_history(status["FAILED"].info.run_id, "val_accuracy")
+    completed = [t for t in trials if t.data.tags["trial_status"] == "COMPLETED"]
+    assert len(completed) == 2 == tune.data.metrics["trials_completed"]
+    assert tune.data.metrics["trials_failed"] == 1
+    for trial in completed:
         assert client.get_metric_history(trial.info.run_id, "val_accuracy")
-        assert trial.data.tags["pipeline_run_id"] in pipeline_ids
+    assert all(t.data.tags["pipeline_run_id"] in pipeline_ids for t in trials)
     assert {"best_hparams.json", "trials.json", "score_per_trial.png"} <= _artifacts(client, tune)
 
     retrain = stage_runs["retrain"]
     registered = json.loads((project["root"] / "models/tuned/registered.json").read_text())
     version = client.get_model_version(CI["registered_model"], registered["version"])
     assert version.run_id == retrain.info.run_id
+    config = json.loads((project["root"] / "models/tuned/config.json").read_text())
+    ensemble = CI_PARAMS["retrain"]["ensemble_size"]
+    assert len(set(config["member_seeds"])) == ensemble == 2
+    history = json.loads((project["root"] / "models/tuned/history.json").read_text())
+    assert [row["member"] for row in history] == [0, 1]
+    # The members' epochs continue one axis in MLflow too: steps 0 and 1, not 0 twice.
+    steps = [m.step for m in client.get_metric_history(retrain.info.run_id, "accuracy")]
+    assert sorted(steps) == [0, 1]
 
     evaluate = stage_runs["evaluate"]
     metrics = json.loads((project["root"] / "evaluation/metrics.json").read_text())

@@ -115,3 +115,11 @@ def test_training_curves_with_and_without_validation():
         {"loss": [1.0], "accuracy": [0.6], "val_loss": [1.1], "val_accuracy": [0.5]}, "baseline"
     )
     assert len(with_val.axes[0].get_lines()) == 2
+
+
+def test_training_curves_mark_where_each_ensemble_member_starts():
+    history = {"loss": [1.0, 0.5, 0.9, 0.4, 0.8, 0.3], "accuracy": [0.6, 0.8] * 3}
+    fig = plots.training_curves({**history, "member": [0, 0, 1, 1, 2, 2]}, "ensemble")
+    starts = [line.get_xdata()[0] for line in fig.axes[1].get_lines()[1:]]
+    assert starts == [2.5, 4.5]
+    assert len(plots.training_curves(history, "one model").axes[1].get_lines()) == 1

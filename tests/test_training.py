@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -57,3 +58,17 @@ def test_same_seed_same_weights(augment_seed):
 
     for a, b in zip(train(), train(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_initial_epoch_continues_the_epoch_axis():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 64).astype(np.uint8)
+    seen = []
+    recorder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    model = build_model(conv_filters=(4,), dense_units=(8,))
+    history = fit(
+        model, (x, y), None, epochs=2, batch_size=32, callbacks=[recorder], initial_epoch=3
+    )
+    assert seen == [3, 4]
+    assert len(history["loss"]) == len(history["epoch_seconds"]) == 2

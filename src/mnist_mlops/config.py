@@ -60,6 +60,7 @@ class TuneParams(_Section):
 
 
 class RetrainParams(_Section):
+    ensemble_size: PositiveInt
     epochs: PositiveInt
     augment: bool
     lr_schedule: Literal["constant", "cosine"]

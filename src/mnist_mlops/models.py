@@ -100,6 +100,26 @@ def build_model(
     return model
 
 
+def average_ensemble(members: Sequence[keras.Model]) -> keras.Model:
+    """One model whose output is the mean of its members' probabilities.
+
+    The members, each built by `build_model` and trained on its own, are copied in as named,
+    uncompiled sub-models (`member_0`, ...): the ensemble saves, loads, exports and serves as one
+    ordinary Keras model, without the members' optimizer state (which would triple its file).
+    A single member is returned as it is.
+    """
+    if len(members) == 1:
+        return members[0]
+    inputs = keras.Input(shape=INPUT_SHAPE, name="image")
+    outputs = []
+    for i, member in enumerate(members):
+        copy = keras.Model.from_config({**member.get_config(), "name": f"member_{i}"})
+        copy.set_weights(member.get_weights())
+        outputs.append(copy(inputs))
+    average = keras.layers.Average(name="probabilities")(outputs)
+    return keras.Model(inputs, average, name=f"mnist_ensemble_of_{len(members)}")
+
+
 def _check_conv_shapes(
     conv_filters: Sequence[int], convs_per_block: int, kernel_size: int, padding: str
 ) -> None:

@@ -37,13 +37,20 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> F
 
 
 def training_curves(history: Mapping[str, Sequence[float]], title: str) -> Figure:
-    """Loss and accuracy per epoch, training and (when present) validation."""
+    """Loss and accuracy per epoch, training and (when present) validation.
+
+    An ensemble's history (a `member` entry per epoch, members one after another) gets a dashed
+    line where each next member starts.
+    """
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history["loss"]) + 1)
+    member_starts = np.flatnonzero(np.diff(history.get("member", []))) + 1.5
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.plot(epochs, history[metric], marker="o", label="train")
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        for start in member_starts:
+            ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(metric)

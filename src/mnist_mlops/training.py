@@ -70,15 +70,19 @@ def fit(
     batch_size: int,
     callbacks: list[keras.callbacks.Callback],
     augment_seed: int | None = None,
+    initial_epoch: int = 0,
 ) -> dict[str, list[float]]:
-    """Train on uint8 image arrays; return the per-epoch history.
+    """Train on uint8 image arrays for `epochs` epochs; return the per-epoch history.
 
     With `augment_seed`, every epoch sees freshly transformed copies of the training images.
+    `initial_epoch` numbers the epochs from there on (in the logs, callbacks and MLflow steps),
+    so models trained one after another into the same run continue one epoch axis.
     """
     history = model.fit(
         **fit_data(to_model_input(train[0]), one_hot(train[1]), batch_size, augment_seed),
         validation_data=(to_model_input(val[0]), one_hot(val[1])) if val is not None else None,
-        epochs=epochs,
+        initial_epoch=initial_epoch,
+        epochs=initial_epoch + epochs,
         # The timer runs first, so the loggers after it see epoch_seconds.
         callbacks=[EpochTimer(), *callbacks],
         verbose=progress_verbosity(),

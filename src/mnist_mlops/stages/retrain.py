@@ -1,5 +1,10 @@
 """retrain: the search's best configuration, built by the same builder, trained on train + val.
 
+With `retrain.ensemble_size` > 1, that many copies of the configuration train one after another
+from different seeds (initial weights, dropout, augmentation draws), and the saved model averages
+their probabilities (`models.average_ensemble`). Their epochs share one axis in the logs and in
+history.json (member 1's epochs follow member 0's), with a `member` column saying whose they are.
+
 Reads: data/prepared/{train,val}.npz, tuning/best_hparams.json. Writes:
 models/tuned/{model.keras,config.json,history.json,registered.json}; registers a new version of
 the model in the MLflow Model Registry.
@@ -18,7 +23,7 @@ from mnist_mlops import plots
 from mnist_mlops.config import Params, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import exit_on_pipeline_error
-from mnist_mlops.models import build_model
+from mnist_mlops.models import average_ensemble, build_model
 from mnist_mlops.serving import log_serving_model
 from mnist_mlops.tracking import EpochMetricsLogger, stage_run
 from mnist_mlops.training import (
@@ -39,7 +44,6 @@ def run(
     params: Params, best: dict[str, Any], prepared_dir: Path, out_dir: Path, run_id: str
 ) -> dict[str, Any]:
     """Train the best configuration on train + val, log and register it; return registry info."""
-    seed_everything(params.seed)
     x_train, y_train = load_split(prepared_dir / "train.npz")
     x_val, y_val = load_split(prepared_dir / "val.npz")
     x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
@@ -50,21 +54,37 @@ def run(
         "decay_steps": steps if params.retrain.lr_schedule == "cosine" else None,
         "label_smoothing": params.retrain.label_smoothing,
     }
-    model = build_model(**architecture, seed=params.seed)
-    model.summary(print_fn=lambda line, **_: print(line))
-    history = fit(
-        model,
-        (x_all, y_all),
-        None,
-        epochs=params.retrain.epochs,
-        batch_size=batch_size,
-        callbacks=[EpochMetricsLogger(run_id)],
-        augment_seed=params.seed if params.retrain.augment else None,
-    )
+    epochs = params.retrain.epochs
+    seeds = member_seeds(params.seed, params.retrain.ensemble_size)
+    members, histories = [], []
+    for i, seed in enumerate(seeds):
+        print(f"[{STAGE}] ensemble member {i + 1}/{len(seeds)} (seed {seed})")
+        seed_everything(seed)
+        member = build_model(**architecture, seed=seed)
+        if i == 0:
+            member.summary(print_fn=lambda line, **_: print(line))
+        histories.append(
+            fit(
+                member,
+                (x_all, y_all),
+                None,
+                epochs=epochs,
+                batch_size=batch_size,
+                callbacks=[EpochMetricsLogger(run_id)],
+                augment_seed=seed if params.retrain.augment else None,
+                initial_epoch=i * epochs,
+            )
+        )
+        members.append(member)
+    model = average_ensemble(members)
+    history = {key: [v for h in histories for v in h[key]] for key in histories[0]}
+    if len(members) > 1:
+        history["member"] = [i for i, h in enumerate(histories) for _ in h["loss"]]
     config = {
         "seed": params.seed,
         "architecture": architecture,
         "batch_size": batch_size,
+        "member_seeds": seeds,
         "fit": params.section(STAGE),
         "tuned_from": best,
     }
@@ -85,6 +105,14 @@ def run(
     }
     write_json(out_dir / "registered.json", registered)
     return registered
+
+
+def member_seeds(seed: int, ensemble_size: int) -> list[int]:
+    """Seeds of the ensemble's members: the pipeline seed first, so a one-model ensemble is the
+    single model; the others drawn from (seed, i), so runs with nearby seeds share no member."""
+    return [seed] + [
+        int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(1, ensemble_size)
+    ]
 
 
 @exit_on_pipeline_error(STAGE)

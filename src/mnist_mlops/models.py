@@ -113,9 +113,9 @@ def average_ensemble(members: Sequence[keras.Model]) -> keras.Model:
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     outputs = []
     for i, member in enumerate(members):
-        copy = keras.Model.from_config({**member.get_config(), "name": f"member_{i}"})
-        copy.set_weights(member.get_weights())
-        outputs.append(copy(inputs))
+        inference = keras.Model.from_config({**member.get_config(), "name": f"member_{i}"})
+        inference.set_weights(member.get_weights())
+        outputs.append(inference(inputs))
     average = keras.layers.Average(name="probabilities")(outputs)
     return keras.Model(inputs, average, name=f"mnist_ensemble_of_{len(members)}")
 

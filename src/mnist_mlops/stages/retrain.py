@@ -58,7 +58,8 @@ def run(
     seeds = member_seeds(params.seed, params.retrain.ensemble_size)
     members, histories = [], []
     for i, seed in enumerate(seeds):
-        print(f"[{STAGE}] ensemble member {i + 1}/{len(seeds)} (seed {seed})")
+        if len(seeds) > 1:
+            print(f"[{STAGE}] ensemble member {i + 1}/{len(seeds)} (seed {seed})")
         seed_everything(seed)
         member = build_model(**architecture, seed=seed)
         if i == 0:

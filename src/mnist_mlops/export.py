@@ -19,6 +19,8 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from mnist_mlops.models import inference_copy
+
 Quantization = Literal["int8", "float16"]
 # Enough images for the int8 converter to see each activation's range; more only adds time.
 REPRESENTATIVE_IMAGES = 200
@@ -110,15 +112,13 @@ def latency_seconds(predict: Callable[[np.ndarray], Any], inputs: np.ndarray) ->
 def keras_file_bytes(model: keras.Model) -> int:
     """Size of the model as a `.keras` file holding what inference needs.
 
-    Saved from an uncompiled copy rebuilt from the config: the pipeline's `.keras` files, Keras's
-    weight files and `clone_model` copies all carry Adam's state, which would triple the Keras
-    side of the comparison.
+    Saved from `models.inference_copy`: the pipeline's `.keras` files, Keras's weight files and
+    `clone_model` copies all carry Adam's state, which would triple the Keras side of the
+    comparison.
     """
-    inference = type(model).from_config(model.get_config())
-    inference.set_weights(model.get_weights())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.keras"
-        inference.save(path)
+        inference_copy(model).save(path)
         return path.stat().st_size
 
 

@@ -111,13 +111,20 @@ def average_ensemble(members: Sequence[keras.Model]) -> keras.Model:
     if len(members) == 1:
         return members[0]
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
-    outputs = []
-    for i, member in enumerate(members):
-        inference = keras.Model.from_config({**member.get_config(), "name": f"member_{i}"})
-        inference.set_weights(member.get_weights())
-        outputs.append(inference(inputs))
+    outputs = [
+        inference_copy(member, name=f"member_{i}")(inputs) for i, member in enumerate(members)
+    ]
     average = keras.layers.Average(name="probabilities")(outputs)
     return keras.Model(inputs, average, name=f"mnist_ensemble_of_{len(members)}")
+
+
+def inference_copy(model: keras.Model, name: str | None = None) -> keras.Model:
+    """The same model and weights, rebuilt from its config: uncompiled, so it carries no
+    optimizer state (which Keras saves with a compiled model, tripling an Adam-trained file)."""
+    config = model.get_config()
+    copy = type(model).from_config({**config, "name": name or config["name"]})
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _check_conv_shapes(

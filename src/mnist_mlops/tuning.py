@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import keras_tuner as kt
 import mlflow
+from keras_tuner.src import config as kt_config
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -68,6 +69,23 @@ class MlflowTrialsMixin:
         trial.started_at = time.monotonic()
         total = f"/{self.expected_trials}" if self.expected_trials else ""
         print(f"[tune] trial {number}{total}: {json.dumps(params)}", file=sys.stderr)
+
+    def _try_run_and_update_trial(
+        self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any
+    ) -> None:
+        # Keras Tuner prints the traceback of every failing trial (its config.DEBUG). A trial
+        # refused on purpose (FailedTrialError: the conv-cost cap) gets one line instead; any
+        # other error still prints its whole traceback.
+        debug, kt_config.DEBUG = kt_config.DEBUG, False
+        try:
+            super()._try_run_and_update_trial(trial, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            kt_config.DEBUG = debug
+        if trial.message:
+            number = int(trial.trial_id) + 1
+            refused = trial.status == kt.engine.trial.TrialStatus.FAILED
+            report = trial.message.strip().splitlines()[-1] if refused else trial.message
+            print(f"[tune] trial {number} failed: {report}", file=sys.stderr)
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
         callbacks = [*kwargs.pop("callbacks", []), EpochMetricsLogger(trial.mlflow_run_id)]

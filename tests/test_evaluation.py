@@ -7,7 +7,7 @@ import pytest
 
 from mnist_mlops import evaluation
 from mnist_mlops.evaluation import Champion
-from mnist_mlops.models import build_model
+from mnist_mlops.models import average_ensemble, build_model, shift_averaged
 
 
 def probs(predicted: list[int], confidence: list[float]) -> np.ndarray:
@@ -96,6 +96,12 @@ def test_conv_activations_of_a_cnn_and_of_an_mlp():
     assert list(evaluation.conv_activations(cnn, images, max_layers=1)) == ["conv_0"]
     mlp = build_model(family="mlp", dense_units=(8,), seed=0)
     assert evaluation.conv_activations(mlp, images, max_layers=2) == {}
+    # Wrappers show their first sub-model's maps for the unmoved image.
+    other = build_model(conv_filters=(4, 8), dense_units=(8,), seed=1)
+    for wrapper in (shift_averaged(cnn, 1), shift_averaged(average_ensemble([cnn, other]), 1)):
+        wrapped = evaluation.conv_activations(wrapper, images, max_layers=2)
+        assert list(wrapped) == ["conv_0", "conv_1"]
+        np.testing.assert_allclose(wrapped["conv_0"], maps["conv_0"], rtol=1e-5, atol=1e-6)
 
 
 # --- the champion gate --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from mnist_mlops.models import (
     conv_macs,
     sample_architecture,
     sample_batch_size,
+    shift_averaged,
 )
 from mnist_mlops.training import one_hot
 
@@ -243,6 +244,51 @@ def test_ensemble_averages_its_members_and_saves_as_one_model(tmp_path):
     np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-6)
     assert not np.allclose(members[0].predict(images, verbose=0), expected)
     assert average_ensemble(members[:1]) is members[0]
+
+
+def _moved(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """`images` moved by one pixel (rows > 0 down, columns > 0 right), zeros filling in."""
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    height, width = images.shape[1:3]
+    return padded[:, 1 - rows : 1 - rows + height, 1 - columns : 1 - columns + width]
+
+
+def test_each_shift_layer_moves_the_image_its_way():
+    averaged = shift_averaged(build_model(family="mlp", dense_units=(8,), seed=0), 1)
+    image = np.zeros((1, 28, 28, 1), "float32")
+    image[0, 5, 7, 0] = 1
+    spots = {"down": (6, 7), "up": (4, 7), "right": (5, 8), "left": (5, 6)}
+    for direction, spot in spots.items():
+        layer = averaged.get_layer(f"shift_{direction}")
+        moved = np.asarray(keras.Model(averaged.inputs, layer.output)(image))
+        assert moved.shape == image.shape
+        assert np.argwhere(moved[0, ..., 0]).tolist() == [list(spot)]
+
+
+def test_shift_averaging_averages_the_image_and_its_four_moves_and_saves_as_one_model(tmp_path):
+    model = build_model(conv_filters=(4,), dense_units=(8,), seed=0)
+    images = np.random.default_rng(0).random((5, 28, 28, 1), dtype="float32")
+    views = [images] + [_moved(images, r, c) for r, c in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    expected = np.mean([model.predict(view, verbose=0) for view in views], axis=0)
+    averaged = shift_averaged(model, 1)
+    assert not averaged.get_layer("classifier").compiled  # no optimizer state in the file
+    np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, rtol=1e-5)
+    assert not np.allclose(model.predict(images, verbose=0), expected)
+    averaged.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-5)
+    assert loaded.count_params() == model.count_params()  # one set of weights, used five times
+    assert shift_averaged(model, 0) is model
+
+
+def test_shift_averaging_wraps_an_ensemble():
+    tiny = {"family": "mlp", "dense_units": (8,)}
+    ensemble = average_ensemble([build_model(**tiny, seed=seed) for seed in (0, 1)])
+    images = np.random.default_rng(1).random((3, 28, 28, 1), dtype="float32")
+    views = [images] + [_moved(images, r, c) for r, c in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    expected = np.mean([ensemble.predict(view, verbose=0) for view in views], axis=0)
+    averaged = shift_averaged(ensemble, 1)
+    np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, rtol=1e-5)
 
 
 def test_one_hot_targets():

@@ -65,6 +65,7 @@ class RetrainParams(_Section):
     augment: bool
     lr_schedule: Literal["constant", "cosine"]
     label_smoothing: float = Field(ge=0, lt=1)
+    test_time_shift: int = Field(ge=0, le=14)
 
 
 class EvaluateParams(_Section):

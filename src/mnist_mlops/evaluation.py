@@ -152,10 +152,12 @@ def conv_activations(
 ) -> dict[str, np.ndarray]:
     """Outputs of the model's first `max_layers` Conv2D layers for `inputs`, by layer name.
 
-    Empty for a model without convolutions (the search may pick an MLP).
+    A wrapper's (an ensemble's, a shift-averaged model's) are those of its first sub-model, for
+    the unmoved image. Empty for a model without convolutions (the search may pick an MLP).
     """
-    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    convs = convs[:max_layers]
+    while not _convs(model) and (nested := _sub_models(model)):
+        model = nested[0]
+    convs = _convs(model)[:max_layers]
     if not convs:
         return {}
     probe = keras.Model(model.inputs, [layer.output for layer in convs])
@@ -163,6 +165,14 @@ def conv_activations(
     if len(convs) == 1:
         outputs = [outputs]
     return {layer.name: np.asarray(out) for layer, out in zip(convs, outputs, strict=True)}
+
+
+def _convs(model: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def _sub_models(model: keras.Model) -> list[keras.Model]:
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 With `retrain.ensemble_size` > 1, that many copies of the configuration train one after another
 from different seeds (initial weights, dropout, augmentation draws), and the saved model averages
-their probabilities (`models.average_ensemble`). Their epochs share one axis in the logs and in
+their probabilities (`models.average_ensemble`). With `retrain.test_time_shift` > 0 the saved
+model also averages over the image and four copies moved that many pixels
+(`models.shift_averaged`). Their epochs share one axis in the logs and in
 history.json (member 1's epochs follow member 0's), with a `member` column saying whose they are.
 
 Reads: data/prepared/{train,val}.npz, tuning/best_hparams.json. Writes:
@@ -23,7 +25,7 @@ from mnist_mlops import plots
 from mnist_mlops.config import Params, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import exit_on_pipeline_error
-from mnist_mlops.models import average_ensemble, build_model
+from mnist_mlops.models import average_ensemble, build_model, shift_averaged
 from mnist_mlops.serving import log_serving_model
 from mnist_mlops.tracking import EpochMetricsLogger, stage_run
 from mnist_mlops.training import (
@@ -77,7 +79,7 @@ def run(
             )
         )
         members.append(member)
-    model = average_ensemble(members)
+    model = shift_averaged(average_ensemble(members), params.retrain.test_time_shift)
     history = {key: [v for h in histories for v in h[key]] for key in histories[0]}
     if len(members) > 1:
         history["member"] = [i for i, h in enumerate(histories) for _ in h["loss"]]

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,17 @@ def test_pipeline_runs_are_tracked_as_described(project):
     assert len(set(config["member_seeds"])) == ensemble == 2
     history = json.loads((project["root"] / "models/tuned/history.json").read_text())
     assert [row["member"] for row in history] == [0, 1]
+    # The saved model averages over shifted copies (retrain.test_time_shift) of the ensemble.
+    assert config["fit"]["test_time_shift"] == 1
+    with zipfile.ZipFile(project["root"] / "models/tuned/model.keras") as saved:
+        layers = json.loads(saved.read("config.json"))["config"]["layers"]
+    names = [layer["config"]["name"] for layer in layers]
+    assert {"classifier", "shift_up", "shift_down", "shift_left", "shift_right"} <= set(names)
+    classifier = next(layer for layer in layers if layer["config"]["name"] == "classifier")
+    assert [m["config"]["name"] for m in classifier["config"]["layers"]][1:3] == [
+        "member_0",
+        "member_1",
+    ]
     # The members' epochs continue one axis in MLflow too: steps 0 and 1, not 0 twice.
     steps = [m.step for m in client.get_metric_history(retrain.info.run_id, "accuracy")]
     assert sorted(steps) == [0, 1]

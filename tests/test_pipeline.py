@@ -129,7 +129,7 @@ def test_pipeline_runs_are_tracked_as_described(project):
     history = json.loads((project["root"] / "models/tuned/history.json").read_text())
     assert [row["member"] for row in history] == [0, 1]
     # The saved model averages over shifted copies (retrain.test_time_shift) of the ensemble.
-    assert config["fit"]["test_time_shift"] == 1
+    assert config["fit"]["test_time_shift"] == CI_PARAMS["retrain"]["test_time_shift"] == 1
     with zipfile.ZipFile(project["root"] / "models/tuned/model.keras") as saved:
         layers = json.loads(saved.read("config.json"))["config"]["layers"]
     names = [layer["config"]["name"] for layer in layers]

@@ -246,11 +246,16 @@ def test_ensemble_averages_its_members_and_saves_as_one_model(tmp_path):
     assert average_ensemble(members[:1]) is members[0]
 
 
-def _moved(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """`images` moved by one pixel (rows > 0 down, columns > 0 right), zeros filling in."""
+def _five_views(images: np.ndarray) -> list[np.ndarray]:
+    """`images`, then moved one pixel down, up, right and left, zeros filling in (numpy's own
+    reference for what `shift_averaged` should average over)."""
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
     height, width = images.shape[1:3]
-    return padded[:, 1 - rows : 1 - rows + height, 1 - columns : 1 - columns + width]
+    moves = ((1, 0), (-1, 0), (0, 1), (0, -1))  # (rows down, columns right)
+    return [images] + [
+        padded[:, 1 - rows : 1 - rows + height, 1 - columns : 1 - columns + width]
+        for rows, columns in moves
+    ]
 
 
 def test_each_shift_layer_moves_the_image_its_way():
@@ -268,8 +273,7 @@ def test_each_shift_layer_moves_the_image_its_way():
 def test_shift_averaging_averages_the_image_and_its_four_moves_and_saves_as_one_model(tmp_path):
     model = build_model(conv_filters=(4,), dense_units=(8,), seed=0)
     images = np.random.default_rng(0).random((5, 28, 28, 1), dtype="float32")
-    views = [images] + [_moved(images, r, c) for r, c in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-    expected = np.mean([model.predict(view, verbose=0) for view in views], axis=0)
+    expected = np.mean([model.predict(view, verbose=0) for view in _five_views(images)], axis=0)
     averaged = shift_averaged(model, 1)
     assert not averaged.get_layer("classifier").compiled  # no optimizer state in the file
     np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, rtol=1e-5)
@@ -285,8 +289,7 @@ def test_shift_averaging_wraps_an_ensemble():
     tiny = {"family": "mlp", "dense_units": (8,)}
     ensemble = average_ensemble([build_model(**tiny, seed=seed) for seed in (0, 1)])
     images = np.random.default_rng(1).random((3, 28, 28, 1), dtype="float32")
-    views = [images] + [_moved(images, r, c) for r, c in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-    expected = np.mean([ensemble.predict(view, verbose=0) for view in views], axis=0)
+    expected = np.mean([ensemble.predict(v, verbose=0) for v in _five_views(images)], axis=0)
     averaged = shift_averaged(ensemble, 1)
     np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, rtol=1e-5)
 

@@ -163,26 +163,35 @@ def test_failing_trials_are_recorded_and_do_not_abort_the_search(
     }
 
 
-def test_a_refused_trial_prints_one_line_and_a_crashed_one_its_traceback(
-    tmp_path, mlflow_store, small_mnist, capfd
-):
-    class Refusing(MnistHyperModel):
-        def fit(self, hp, model, *args, **kwargs):
-            raise kt.errors.FailedTrialError("refused on purpose")
+class RefusingHyperModel(MnistHyperModel):
+    """Every trial is refused on purpose, as the conv-cost cap refuses a costly one."""
 
-    for name, hypermodel in (("refused", Refusing(seed=0)), ("crashed", HalfBrokenHyperModel(0))):
-        with mlflow.start_run() as parent:
-            tuner = tuning.make_tuner(
-                tune_params(max_trials=4), 3, tmp_path / name, parent.info.run_id, hypermodel
-            )
-            capfd.readouterr()
-            search(tuner, small_mnist)
-        err = capfd.readouterr().err
-        if name == "refused":
-            assert "[tune] trial 1 failed: " in err and "refused on purpose" in err
-            assert "Traceback" not in err
-        else:
-            assert "Traceback" in err and "ValueError: simulated training failure" in err
+    def fit(self, hp: kt.HyperParameters, model, *args, **kwargs):
+        raise kt.errors.FailedTrialError("refused on purpose")
+
+
+@pytest.mark.parametrize(
+    ("hypermodel", "printed", "traceback"),
+    [
+        (RefusingHyperModel(seed=0), "[tune] trial 1 failed: ", False),
+        (HalfBrokenHyperModel(seed=0), "ValueError: simulated training failure", True),
+    ],
+    ids=["refused", "crashed"],
+)
+def test_a_refused_trial_prints_one_line_and_a_crashed_one_its_traceback(
+    tmp_path, mlflow_store, small_mnist, capfd, hypermodel, printed, traceback
+):
+    with mlflow.start_run() as parent:
+        tuner = tuning.make_tuner(
+            tune_params(max_trials=4), 3, tmp_path / "state", parent.info.run_id, hypermodel
+        )
+        capfd.readouterr()
+        search(tuner, small_mnist)
+    err = capfd.readouterr().err
+    assert printed in err
+    assert ("Traceback" in err) is traceback
+    if not traceback:
+        assert "refused on purpose" in err
 
 
 def test_a_search_where_every_trial_fails_is_an_error(tmp_path, mlflow_store, small_mnist):

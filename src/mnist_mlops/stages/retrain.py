@@ -2,10 +2,10 @@
 
 With `retrain.ensemble_size` > 1, that many copies of the configuration train one after another
 from different seeds (initial weights, dropout, augmentation draws), and the saved model averages
-their probabilities (`models.average_ensemble`). With `retrain.test_time_shift` > 0 the saved
-model also averages over the image and four copies moved that many pixels
-(`models.shift_averaged`). Their epochs share one axis in the logs and in
+their probabilities (`models.average_ensemble`). Their epochs share one axis in the logs and in
 history.json (member 1's epochs follow member 0's), with a `member` column saying whose they are.
+With `retrain.test_time_shift` > 0 the saved model also averages over the image and four copies
+of it moved that many pixels (`models.shift_averaged`).
 
 Reads: data/prepared/{train,val}.npz, tuning/best_hparams.json. Writes:
 models/tuned/{model.keras,config.json,history.json,registered.json}; registers a new version of

@@ -42,7 +42,7 @@ from serving import (
     served_model,
 )
 
-from mnist_mlops.serving import ping
+from mnist_mlops.scoring_server import ping
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MIB = 2**20

@@ -29,6 +29,9 @@ from pathlib import Path
 import psutil
 import yaml
 
+from mnist_mlops.files import read_json
+from mnist_mlops.paths import ProjectPaths
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "baseline", "tune", "retrain", "evaluate")
 TARGET_ACCURACY = 0.99
@@ -98,17 +101,17 @@ def run_stage(root: Path, stage: str, env: dict, log) -> tuple[float, int]:
 
 def images_per_second(root: Path) -> dict[str, float]:
     """Training throughput per stage, from the epoch timings the stages record."""
-    summary = json.loads((root / "data/prepared/summary.json").read_text())
-    sizes = summary["sizes"]
+    paths = ProjectPaths(root)
+    sizes = read_json(paths.data_summary)["sizes"]
     rates = {}
-    for stage, directory, images in (
-        ("baseline", "models/baseline", sizes["train"]),
-        ("retrain", "models/tuned", sizes["train"] + sizes["val"]),
+    for stage, model, images in (
+        ("baseline", "baseline", sizes["train"]),
+        ("retrain", "tuned", sizes["train"] + sizes["val"]),
     ):
-        history = json.loads((root / directory / "history.json").read_text())
+        history = read_json(paths.model_history(model))
         seconds = sum(row["epoch_seconds"] for row in history)
         rates[stage] = images * len(history) / seconds
-    tune = json.loads((root / "tuning/metrics.json").read_text())
+    tune = read_json(paths.tuning / "metrics.json")
     rates["tune"] = tune["train_examples"] * tune["epochs_trained"] / tune["tuning_seconds"]
     return rates
 
@@ -119,13 +122,15 @@ def time_to_target(root: Path, env: dict) -> dict[str, float]:
     script = f"""
 import json, time
 import keras
-from pathlib import Path
 from mnist_mlops.data import load_split
+from mnist_mlops.files import read_json
 from mnist_mlops.models import build_model
+from mnist_mlops.paths import ProjectPaths
 from mnist_mlops.training import fit, seed_everything
-config = json.loads(Path("models/tuned/config.json").read_text())
+paths = ProjectPaths.cwd()
+config = read_json(paths.model_config("tuned"))
 seed_everything(config["seed"])
-train, val = load_split(Path("data/prepared/train.npz")), load_split(Path("data/prepared/val.npz"))
+train, val = load_split(paths.split("train")), load_split(paths.split("val"))
 architecture = {{**config["architecture"], "decay_steps": None}}
 model = build_model(**architecture, seed=config["seed"])
 elapsed = []

@@ -1,7 +1,7 @@
 """Latency and throughput of the served model over HTTP, beside in-process prediction.
 
 Serves a registered model with `mlflow models serve` on 127.0.0.1 (or attaches to a running
-server with --url) and measures, for every request form of mnist_mlops.serving:
+server with --url) and measures, for every request form of mnist_serving.inputs:
 
   single   one image per request, sequential on a keep-alive connection: p50/p95/p99, req/s
   batched  --batch-size images per request from --concurrency clients: latency, images/s
@@ -47,10 +47,11 @@ import pandas as pd
 from mlflow import MlflowClient
 from PIL import Image
 
-from mnist_mlops.data import load_mnist
+from mnist_mlops.data import load_mnist, one_hot, to_model_input
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
-from mnist_mlops.serving import ScoringServer, log_serving_model
-from mnist_mlops.training import one_hot, seed_everything, to_model_input
+from mnist_mlops.registry import log_serving_model
+from mnist_mlops.scoring_server import ScoringServer
+from mnist_mlops.training import seed_everything
 
 DEFAULT_MNIST_DIR = Path("/work/shared/data/mnist")
 DEMO_MODEL = "mnist-serving-benchmark"

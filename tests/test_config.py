@@ -7,6 +7,21 @@ from support import REPO_ROOT, merged_params
 from mnist_mlops.config import ConfigError, load_params, parse_params
 
 
+def problems_in(path: Path) -> list[str]:
+    """The problem lines load_params reports for a params file (one line per problem)."""
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    header, *lines = str(err.value).splitlines()
+    assert header == f"{path}: invalid parameters:"
+    return [line.strip() for line in lines]
+
+
+def write_params(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def test_repository_params_and_ci_profile_are_valid():
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.tune.tuner in ("random", "hyperband", "bayesian")
@@ -52,3 +67,109 @@ def test_missing_and_malformed_files(tmp_path: Path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "problem"),
+    [
+        ("tune", "epochs", "3", "tune.epochs: expected an integer, got '3' (a string)"),
+        ("tune", "epochs", True, "tune.epochs: expected an integer, got true (a boolean)"),
+        (
+            "baseline",
+            "epochs",
+            3.0,
+            "baseline.epochs: expected an integer, got 3.0 (a decimal number)",
+        ),
+        ("tune", "epochs", None, "tune.epochs: expected an integer, got null"),
+        (
+            "prepare",
+            "train_subset",
+            "3000",
+            "prepare.train_subset: expected an integer or null, got '3000' (a string)",
+        ),
+        (
+            "baseline",
+            "learning_rate",
+            "0.001",
+            "baseline.learning_rate: expected a number, got '0.001' (a string)",
+        ),
+        (
+            "tune",
+            "max_conv_mmacs",
+            True,
+            "tune.max_conv_mmacs: expected a number or null, got true (a boolean)",
+        ),
+        ("tune", "augment", "no", "tune.augment: expected true or false, got 'no' (a string)"),
+        ("retrain", "augment", 1, "retrain.augment: expected true or false, got 1 (an integer)"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_not_converted(
+    tmp_path: Path, section: str, key: str, value: object, problem: str
+):
+    path = write_params(tmp_path, merged_params({section: {key: value}}))
+    assert problems_in(path) == [problem]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("baseline", "learning_rate", 1),
+        ("tune", "max_conv_mmacs", 8),
+        ("tune", "max_conv_mmacs", None),
+        ("prepare", "train_subset", None),
+        ("evaluate", "rotation_degrees", 15),
+    ],
+)
+def test_integers_count_as_numbers_and_null_stays_valid_where_allowed(
+    tmp_path: Path, section: str, key: str, value: object
+):
+    params = load_params(write_params(tmp_path, merged_params({section: {key: value}})))
+    assert getattr(getattr(params, section), key) == value
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path: Path):
+    # `dvc exp run -S baseline.learning_rate=1e-5` writes `1e-05`, which YAML 1.1 reads as a string.
+    text = yaml.safe_dump(merged_params())
+    assert text.count("learning_rate: 0.001\n") == 1
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("learning_rate: 0.001\n", "learning_rate: 1e-05\n"))
+    assert load_params(path).baseline.learning_rate == 1e-05
+    path.write_text(text.replace("learning_rate: 0.001\n", "learning_rate: '1e-05'\n"))
+    assert problems_in(path) == [
+        "baseline.learning_rate: expected a number, got '1e-05' (a string)"
+    ]
+
+
+SEED_RANGE = "must be from 0 to 4294967295 (2**32 - 1), the seeds numpy and scikit-learn accept"
+
+
+@pytest.mark.parametrize(
+    ("seed", "problems"),
+    [
+        (0, []),
+        (2**32 - 1, []),
+        (2**32, [f"seed: {SEED_RANGE} (got 4294967296)"]),
+        (-1, [f"seed: {SEED_RANGE} (got -1)"]),
+        ("42", ["seed: expected an integer, got '42' (a string)"]),
+    ],
+)
+def test_seed_is_within_numpys_range(tmp_path: Path, seed: object, problems: list[str]):
+    path = write_params(tmp_path, merged_params({"seed": seed}))
+    if problems:
+        assert problems_in(path) == problems
+    else:
+        assert load_params(path).seed == seed
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("sede", "sede: unknown key (did you mean 'seed'?)"),
+        ("baselien", "baselien: unknown key (did you mean 'baseline'?)"),
+        ("learning_rate", "learning_rate: unknown key"),
+    ],
+)
+def test_unknown_top_level_key_in_a_file_is_refused(tmp_path: Path, key: str, problem: str):
+    raw = merged_params()
+    raw[key] = 1
+    assert problems_in(write_params(tmp_path, raw)) == [problem]

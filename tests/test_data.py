@@ -14,6 +14,8 @@ import pytest
 
 from mnist_mlops import data
 from mnist_mlops.data import DataError, MnistArrays
+from mnist_mlops.errors import PipelineError
+from mnist_mlops.paths import ProjectPaths
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -363,8 +365,15 @@ def test_stratified_subset(labelled):
     np.testing.assert_array_equal(data.stratified_subset(x, y, 100, seed=3)[0], x_sub)
     same_x, same_y = data.stratified_subset(x, y, len(y), seed=3)
     assert same_x is x and same_y is y
-    with pytest.raises(ValueError, match="n=5"):
+    with pytest.raises(ValueError, match="n = 5"):
         data.stratified_subset(x, y, 5, seed=3)
+
+
+def test_an_impossible_split_size_is_a_one_line_pipeline_error(labelled):
+    # A stage turns PipelineError into one line; scikit-learn's own error would be a traceback.
+    x, y = labelled
+    with pytest.raises(PipelineError, match=r"^prepare\.val_size = 99999: must be between"):
+        data.stratified_split(x, y, 99999, seed=0, name="prepare.val_size")
 
 
 def test_class_counts():
@@ -408,11 +417,15 @@ def test_save_split_rejects_non_uint8(tmp_path):
         data.save_split(tmp_path / "x.npz", np.zeros((1, 28, 28)), np.zeros(1, np.uint8))
 
 
-def test_load_split_missing_or_corrupt(tmp_path):
-    with pytest.raises(DataError, match=r"not found.*dvc repro prepare"):
-        data.load_split(tmp_path / "train.npz")
-    path = tmp_path / "test.npz"
+def test_load_split_missing_or_corrupt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = ProjectPaths.cwd()
+    with pytest.raises(
+        PipelineError, match=r"not found; run the prepare stage first \(dvc repro prepare\)"
+    ):
+        data.load_split(paths.require(paths.split("train")))
+    path = paths.split("test")
     data.save_split(path, images(20), np.zeros(20, np.uint8))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(DataError, match=r"test\.npz: cannot read.*dvc repro prepare"):
+    with pytest.raises(DataError, match=r"test\.npz: cannot read.*dvc repro -f prepare"):
         data.load_split(path)

@@ -6,17 +6,18 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
+from mnist_mlops.data import one_hot
 from mnist_mlops.models import (
     BASELINE_ARCHITECTURE,
     MnistHyperModel,
     average_ensemble,
     build_model,
+    conv_activations,
     conv_macs,
     sample_architecture,
     sample_batch_size,
     shift_averaged,
 )
-from mnist_mlops.training import one_hot
 
 # name: (kind, range and default, conditions). A change to the space must change this table.
 PINNED_SPACE = {
@@ -317,3 +318,22 @@ def test_the_cost_cap_fails_expensive_trials_before_training():
     cheap = kt.HyperParameters()
     history = hypermodel.fit(cheap, hypermodel.build(cheap), x, y, epochs=1, verbose=0)
     assert len(history.history["loss"]) == 1
+
+
+def test_conv_activations_of_a_cnn_and_of_an_mlp():
+    images = np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32)
+    cnn = build_model(conv_filters=(4, 8), dense_units=(8,), seed=0)
+    maps = conv_activations(cnn, images, max_layers=2)
+    assert {name: out.shape for name, out in maps.items()} == {
+        "conv_0": (3, 28, 28, 4),
+        "conv_1": (3, 14, 14, 8),
+    }
+    assert list(conv_activations(cnn, images, max_layers=1)) == ["conv_0"]
+    mlp = build_model(family="mlp", dense_units=(8,), seed=0)
+    assert conv_activations(mlp, images, max_layers=2) == {}
+    # Wrappers show their first sub-model's maps for the unmoved image.
+    other = build_model(conv_filters=(4, 8), dense_units=(8,), seed=1)
+    for wrapper in (shift_averaged(cnn, 1), shift_averaged(average_ensemble([cnn, other]), 1)):
+        wrapped = conv_activations(wrapper, images, max_layers=2)
+        assert list(wrapped) == ["conv_0", "conv_1"]
+        np.testing.assert_allclose(wrapped["conv_0"], maps["conv_0"], rtol=1e-5, atol=1e-6)

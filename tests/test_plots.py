@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from mnist_mlops import plots
-from mnist_mlops.evaluation import Calibration
+from mnist_mlops.metrics import Calibration
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""Tests for mnist_mlops.serving: input conversion and validation as plain functions, then a real
-`mlflow models serve` process scoring every request form and refusing bad input with a 400."""
+"""The served model (mnist_serving): input conversion and validation as plain functions, then a
+real `mlflow models serve` process scoring every request form and refusing bad input with a 400."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from mnist_mlops import serving
-from mnist_mlops.data import load_mnist
+from mnist_mlops import registry
+from mnist_mlops.data import load_mnist, one_hot, to_model_input
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
-from mnist_mlops.serving import InvalidInputError
-from mnist_mlops.training import one_hot, to_model_input
+from mnist_mlops.scoring_server import ScoringServer
+from mnist_serving import inputs
+from mnist_serving.inputs import InvalidInputError
+from mnist_serving.model import format_predictions
 
 MNIST_DIR = Path(
     os.environ.get("MNIST_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/mnist")
@@ -97,13 +99,13 @@ def digit_like() -> np.ndarray:
 @pytest.mark.parametrize("shape", [(28, 28, 1), (28, 28), (784,)])
 def test_image_accepts_every_shape(shape):
     floats = np.linspace(0, 1, 784, dtype=np.float32)
-    result = serving.image_to_array(floats.reshape(shape).tolist())
+    result = inputs.image_to_array(floats.reshape(shape).tolist())
     assert result.dtype == np.float32
     np.testing.assert_array_equal(result, floats.reshape(28, 28))
 
 
 def test_image_takes_json_integers_0_and_1():
-    result = serving.image_to_array([[0, 1] * 14] * 28)
+    result = inputs.image_to_array([[0, 1] * 14] * 28)
     assert set(np.unique(result)) == {0.0, 1.0}
 
 
@@ -111,19 +113,19 @@ def test_image_takes_json_integers_0_and_1():
 def test_pixels_accepts_every_shape_as_lists_and_arrays(shape):
     image = digit_like()
     expected = image.astype(np.float32) / 255
-    np.testing.assert_array_equal(serving.pixels_to_array(image.reshape(shape).tolist()), expected)
-    np.testing.assert_array_equal(serving.pixels_to_array(image.reshape(shape)), expected)
+    np.testing.assert_array_equal(inputs.pixels_to_array(image.reshape(shape).tolist()), expected)
+    np.testing.assert_array_equal(inputs.pixels_to_array(image.reshape(shape)), expected)
 
 
 def test_pixels_accepts_base64_of_raw_bytes():
     image = digit_like()
     expected = image.astype(np.float32) / 255
     text = b64(image.tobytes())
-    np.testing.assert_array_equal(serving.pixels_to_array(text), expected)
+    np.testing.assert_array_equal(inputs.pixels_to_array(text), expected)
     wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` CLI output
-    np.testing.assert_array_equal(serving.pixels_to_array(wrapped), expected)
+    np.testing.assert_array_equal(inputs.pixels_to_array(wrapped), expected)
     urlsafe = base64.urlsafe_b64encode(image.tobytes()).decode()
-    np.testing.assert_array_equal(serving.pixels_to_array(urlsafe), expected)
+    np.testing.assert_array_equal(inputs.pixels_to_array(urlsafe), expected)
 
 
 def nested(value: Any, shape: tuple[int, ...] = (28, 28)) -> list:
@@ -162,7 +164,7 @@ BAD_IMAGES = [
 )
 def test_image_rejects(value, message):
     with pytest.raises(InvalidInputError, match=message):
-        serving.image_to_array(value)
+        inputs.image_to_array(value)
 
 
 BAD_PIXELS = [
@@ -189,7 +191,7 @@ BAD_PIXELS = [
 )
 def test_pixels_rejects(value, message):
     with pytest.raises(InvalidInputError, match=message):
-        serving.pixels_to_array(value)
+        inputs.pixels_to_array(value)
 
 
 def png_of_size(width: int, height: int) -> bytes:
@@ -214,7 +216,7 @@ BAD_PNGS = [
     ("a JPEG", b64(jpeg_bytes()), r"not a PNG file"),
     ("broken chunks", b64(png_bytes(digit_like())[:8] + bytes(80)), r"not a decodable PNG image"),
     ("too many pixels", b64(png_of_size(5000, 4000)), r"5000x4000, over the limit"),
-    ("too long", "A" * (serving.MAX_PNG_BASE64_CHARS + 4), r"characters of base64, over the limit"),
+    ("too long", "A" * (inputs.MAX_PNG_BASE64_CHARS + 4), r"characters of base64, over the limit"),
 ]
 
 
@@ -223,20 +225,20 @@ BAD_PNGS = [
 )
 def test_png_rejects(value, message):
     with pytest.raises(InvalidInputError, match=message):
-        serving.png_to_array(value)
+        inputs.png_to_array(value)
 
 
 def test_png_accepts_data_urls():
     image = digit_like()
     text = f"data:image/png;base64,{png_b64(image)}"
     np.testing.assert_allclose(
-        serving.png_to_array(text), serving.png_to_array(png_b64(image)), atol=0
+        inputs.png_to_array(text), inputs.png_to_array(png_b64(image)), atol=0
     )
 
 
 def test_to_mnist_keeps_mnist_digits_nearly_as_they_are(mnist):
     digits = mnist[2][:200]
-    converted = np.stack([serving.to_mnist(serving.decode_png(png_bytes(d))) for d in digits])
+    converted = np.stack([inputs.to_mnist(inputs.decode_png(png_bytes(d))) for d in digits])
     assert converted.dtype == np.float32
     assert converted.shape == (200, 28, 28)
     assert np.abs(converted - digits / 255).mean() < 0.002
@@ -246,7 +248,7 @@ def test_to_mnist_keeps_mnist_digits_nearly_as_they_are(mnist):
 def test_to_mnist_normalises_every_variant(mnist, variant):
     digits = mnist[2][:50]
     converted = np.stack(
-        [serving.to_mnist(serving.decode_png(png_bytes(PNG_VARIANTS[variant](d)))) for d in digits]
+        [inputs.to_mnist(inputs.decode_png(png_bytes(PNG_VARIANTS[variant](d)))) for d in digits]
     )
     assert converted.min() >= 0 and converted.max() <= 1
     assert np.abs(converted - digits / 255).mean() < 0.05, "white on black, like MNIST"
@@ -260,14 +262,14 @@ def test_to_mnist_normalises_every_variant(mnist, variant):
 def test_to_mnist_fits_the_digit_into_20_pixels():
     canvas = np.full((300, 200), 255.0)
     canvas[50:250, 90:110] = 0  # a tall dark bar on white
-    result = serving.to_mnist(canvas)
+    result = inputs.to_mnist(canvas)
     rows, cols = np.flatnonzero(result.any(axis=1)), np.flatnonzero(result.any(axis=0))
     assert rows[-1] - rows[0] + 1 == 20
     assert cols[-1] - cols[0] + 1 <= 3
 
 
 def test_to_mnist_returns_blank_for_a_blank_image():
-    assert not serving.to_mnist(np.full((40, 40), 255.0)).any()
+    assert not inputs.to_mnist(np.full((40, 40), 255.0)).any()
 
 
 def records(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -276,7 +278,7 @@ def records(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def test_prepare_batch_mixes_forms_in_order():
     image = digit_like()
-    batch = serving.prepare_batch(
+    batch = inputs.prepare_batch(
         records(
             [
                 {"pixels": image.tolist()},
@@ -290,7 +292,7 @@ def test_prepare_batch_mixes_forms_in_order():
     for i in range(3):
         np.testing.assert_allclose(batch[i, ..., 0], image / 255, atol=1e-7)
     np.testing.assert_allclose(
-        batch[3, ..., 0], serving.to_mnist(image.astype(np.float32)), atol=1e-6
+        batch[3, ..., 0], inputs.to_mnist(image.astype(np.float32)), atol=1e-6
     )
 
 
@@ -306,15 +308,15 @@ def test_prepare_batch_mixes_forms_in_order():
         ),
         (records([{"pixels": [0] * 784}, {"pixels": [0.5] * 784}]), r"^record 1: 'pixels'"),
         (
-            records([{"pixels": [0] * 784}] * (serving.MAX_BATCH + 1)),
-            rf"batch of {serving.MAX_BATCH + 1} images is over the limit of {serving.MAX_BATCH}",
+            records([{"pixels": [0] * 784}] * (inputs.MAX_BATCH + 1)),
+            rf"batch of {inputs.MAX_BATCH + 1} images is over the limit of {inputs.MAX_BATCH}",
         ),
     ],
     ids=["empty", "no known field", "null field", "two fields", "names the record", "too many"],
 )
 def test_prepare_batch_rejects(frame, message):
     with pytest.raises(InvalidInputError, match=message):
-        serving.prepare_batch(frame)
+        inputs.prepare_batch(frame)
 
 
 def test_invalid_input_is_a_400():
@@ -323,7 +325,7 @@ def test_invalid_input_is_a_400():
 
 def test_format_predictions():
     probabilities = np.eye(10, dtype=np.float32)[[3, 7]]
-    result = serving.format_predictions(probabilities)
+    result = format_predictions(probabilities)
     assert [r["digit"] for r in result] == [3, 7]
     assert result[1]["probabilities"] == probabilities[1].tolist()
     json.dumps(result)  # plain Python types only
@@ -333,7 +335,7 @@ def test_format_predictions():
 
 
 class Served(NamedTuple):
-    server: serving.ScoringServer
+    server: ScoringServer
     model: keras.Model  # the Keras model behind the server, for in-process predictions
     x: np.ndarray  # MNIST test images, uint8 [N, 28, 28]
     experiment_id: str
@@ -358,13 +360,11 @@ def served(mnist, tmp_path_factory):
             "serving-test", artifact_location=(store / "mlartifacts").as_uri()
         )
         with mlflow.start_run(experiment_id=experiment_id):
-            info = serving.log_serving_model(model, registered_model_name=MODEL_NAME)
+            info = registry.log_serving_model(model, registered_model_name=MODEL_NAME)
         MlflowClient().set_registered_model_alias(
             MODEL_NAME, "champion", info.registered_model_version
         )
-        server = serving.ScoringServer(
-            f"models:/{MODEL_NAME}@champion", tracking_uri, store / "server.log"
-        )
+        server = ScoringServer(f"models:/{MODEL_NAME}@champion", tracking_uri, store / "server.log")
         server.start()
         pids = server.pids()
         try:
@@ -378,7 +378,7 @@ def served(mnist, tmp_path_factory):
 
 
 def post(
-    server: serving.ScoringServer, payload: Any, content_type: str = "application/json"
+    server: ScoringServer, payload: Any, content_type: str = "application/json"
 ) -> tuple[int, Any]:
     body = payload if isinstance(payload, bytes | str) else json.dumps(payload)
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
@@ -394,7 +394,7 @@ def post(
         return response.status, raw.decode(errors="replace")
 
 
-def predictions(server: serving.ScoringServer, payload: Any) -> tuple[np.ndarray, np.ndarray]:
+def predictions(server: ScoringServer, payload: Any) -> tuple[np.ndarray, np.ndarray]:
     status, answer = post(server, payload)
     assert status == 200, answer
     rows = answer["predictions"]
@@ -402,7 +402,7 @@ def predictions(server: serving.ScoringServer, payload: Any) -> tuple[np.ndarray
 
 
 def assert_matches_in_process(
-    server: serving.ScoringServer, model: keras.Model, payload: Any, images: np.ndarray
+    server: ScoringServer, model: keras.Model, payload: Any, images: np.ndarray
 ) -> None:
     """The server's answers equal predict_on_batch on the same float32 [N, 28, 28, 1] images."""
     digits, probabilities = predictions(server, payload)
@@ -415,9 +415,9 @@ def assert_matches_in_process(
 def test_signature_and_metadata_document_the_forms(served):
     server = served.server
     info = mlflow.models.get_model_info(server.model_uri)
-    assert info.signature.inputs.input_names() == list(serving.FIELDS)
+    assert info.signature.inputs.input_names() == list(inputs.FIELDS)
     assert info.signature.outputs.input_names() == ["digit", "probabilities"]
-    assert set(info.metadata["request_forms"]) == {*serving.FIELDS, "max_batch"}
+    assert set(info.metadata["request_forms"]) == {*inputs.FIELDS, "max_batch"}
 
 
 def float_forms(x: np.ndarray) -> dict[str, Any]:
@@ -474,7 +474,7 @@ def test_png_images_over_http(served, variant):
     server, model, x, _ = served
     images = x[32:64]
     pngs = [png_bytes(PNG_VARIANTS[variant](image)) for image in images]
-    converted = np.stack([serving.to_mnist(serving.decode_png(p)) for p in pngs])[..., None]
+    converted = np.stack([inputs.to_mnist(inputs.decode_png(p)) for p in pngs])[..., None]
     payload = {"dataframe_records": [{"png": b64(p)} for p in pngs]}
     assert_matches_in_process(server, model, payload, converted)
     digits, _ = predictions(server, payload)
@@ -489,7 +489,7 @@ def test_png_columns_and_mixed_records_over_http(served):
     images = x[64:70]
     pngs = [png_b64(i) for i in images]
     columns = {"inputs": {"png": pngs}}
-    converted = np.stack([serving.png_to_array(p) for p in pngs])[..., None]
+    converted = np.stack([inputs.png_to_array(p) for p in pngs])[..., None]
     assert_matches_in_process(server, model, columns, converted)
     mixed = {
         "dataframe_records": [
@@ -506,7 +506,7 @@ def test_png_columns_and_mixed_records_over_http(served):
 @pytest.mark.slow
 def test_a_full_batch_over_http(served):
     server, model, x, _ = served
-    images = x[: serving.MAX_BATCH]
+    images = x[: inputs.MAX_BATCH]
     payload = {"dataframe_records": [{"pixels": b64(i.tobytes())} for i in images]}
     assert_matches_in_process(server, model, payload, to_model_input(images))
 
@@ -567,8 +567,8 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("a number as png", record(png=5), r"must be a base64 string"),
     (
         "batch over the limit",
-        {"dataframe_records": [{"pixels": b64(bytes(784))}] * (serving.MAX_BATCH + 1)},
-        rf"over the limit of {serving.MAX_BATCH}",
+        {"dataframe_records": [{"pixels": b64(bytes(784))}] * (inputs.MAX_BATCH + 1)},
+        rf"over the limit of {inputs.MAX_BATCH}",
     ),
     ("mixed instances", {"instances": [{"pixels": [0] * 784}, {"png": "x"}]}, r"has 2"),
     ("deep nesting", deeply_nested(100), r"shape|rectangular|nulls"),
@@ -615,7 +615,7 @@ def test_log_serving_model_from_a_keras_file(served, tmp_path):
     path = tmp_path / "model.keras"
     model.save(path)
     with mlflow.start_run(experiment_id=experiment_id):
-        info = serving.log_serving_model(path)
+        info = registry.log_serving_model(path)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     result = pyfunc.predict(pd.DataFrame({"pixels": list(x[:4])}))
     expected = model.predict_on_batch(to_model_input(x[:4]))
@@ -630,5 +630,5 @@ def test_load_keras_model_reads_both_flavors(served):
     images = to_model_input(x[:4])
     expected = model.predict_on_batch(images)
     for uri in (served.server.model_uri, keras_flavor.model_uri):
-        loaded = serving.load_keras_model(uri)
+        loaded = registry.load_keras_model(uri)
         np.testing.assert_allclose(loaded.predict_on_batch(images), expected, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Loading, verifying and splitting MNIST (numpy + stdlib only; no TensorFlow).
+"""Loading, verifying and splitting MNIST, and turning it into model inputs (numpy only).
 
 Sources, in order: ``MNIST_DIR`` (IDX files), IDX files in ``data/raw``, Keras's ``mnist.npz``
 in ``data/raw`` (downloaded if missing). Whatever the source, the arrays are re-encoded as IDX
@@ -10,10 +10,8 @@ import gzip
 import hashlib
 import http.client
 import math
-import os
 import struct
 import sys
-import tempfile
 import urllib.request
 import zipfile
 import zlib
@@ -24,8 +22,11 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from mnist_mlops.errors import PipelineError
+from mnist_mlops.files import atomic_file
+from mnist_mlops.paths import ProjectPaths
 
 NUM_CLASSES = 10
+PIXEL_MAX = 255.0
 
 # MnistArrays field -> standard IDX file name.
 IDX_FILES = {
@@ -173,13 +174,9 @@ def download_keras_npz(
     """Download Keras's mnist.npz to dest, verifying its SHA-256; skip if dest is already good."""
     if dest.is_file() and _sha256_file(dest) == sha256:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file in the same directory makes the final rename atomic.
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_file(dest) as out, urllib.request.urlopen(url, timeout=timeout) as response:
             done = 0
             while chunk := response.read(1 << 20):
                 out.write(chunk)
@@ -187,17 +184,16 @@ def download_keras_npz(
                 done += len(chunk)
                 print(f"\rdownloading {url}: {done:,} bytes", end="", file=sys.stderr, flush=True)
             print(file=sys.stderr)
-        if digest.hexdigest() != sha256:
-            raise DataError(f"{url}: SHA-256 mismatch: expected {sha256}, got {digest.hexdigest()}")
-        os.replace(tmp, dest)
+            if digest.hexdigest() != sha256:
+                raise DataError(
+                    f"{url}: SHA-256 mismatch: expected {sha256}, got {digest.hexdigest()}"
+                )
     except (OSError, ValueError, http.client.HTTPException) as err:
         # URLError/HTTPError and socket timeouts are OSErrors; a malformed URL is a ValueError.
         raise DataError(
             f"could not download {url}: {err}. Without network, put the four MNIST IDX files "
             f"(or mnist.npz) in data/raw/, or set MNIST_DIR to a directory holding the IDX files"
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -258,21 +254,28 @@ def load_mnist(
     return arrays, source
 
 
+class SplitSizeError(PipelineError, ValueError):
+    """A requested split or subset size that the data cannot satisfy."""
+
+
 def _check_size(name: str, size: int, y: np.ndarray) -> None:
     # train_test_split(stratify=...) needs at least one example per class on both sides.
     n_classes = len(np.unique(y))
     if not n_classes <= size <= len(y) - n_classes:
-        raise ValueError(
-            f"{name}={size} must be between the number of classes ({n_classes}) "
-            f"and the number of examples minus that ({len(y) - n_classes})"
+        raise SplitSizeError(
+            f"{name} = {size}: must be between the number of classes ({n_classes}) and the "
+            f"number of examples minus that ({len(y)} - {n_classes} = {len(y) - n_classes})"
         )
 
 
 def stratified_split(
-    x: np.ndarray, y: np.ndarray, val_size: int, seed: int
+    x: np.ndarray, y: np.ndarray, val_size: int, seed: int, name: str = "val_size"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded stratified split into (x_train, y_train, x_val, y_val) with val_size examples."""
-    _check_size("val_size", val_size, y)
+    """Seeded stratified split into (x_train, y_train, x_val, y_val) with val_size examples.
+
+    `name` is the parameter that asked for `val_size`, for the error message.
+    """
+    _check_size(name, val_size, y)
     x_tr, x_val, y_tr, y_val = train_test_split(
         x, y, test_size=val_size, stratify=y, random_state=seed
     )
@@ -280,12 +283,12 @@ def stratified_split(
 
 
 def stratified_subset(
-    x: np.ndarray, y: np.ndarray, n: int, seed: int
+    x: np.ndarray, y: np.ndarray, n: int, seed: int, name: str = "n"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified subsample of n examples; the input itself if n >= len(y)."""
     if n >= len(y):
         return x, y
-    _check_size("n", n, y)
+    _check_size(name, n, y)
     _, x_sub, _, y_sub = train_test_split(x, y, test_size=n, stratify=y, random_state=seed)
     return x_sub, y_sub
 
@@ -299,25 +302,27 @@ def save_split(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write x and y (uint8) to a compressed .npz atomically: never a partial file at path."""
     if x.dtype != np.uint8 or y.dtype != np.uint8:
         raise ValueError(f"{path}: x and y must be uint8, got {x.dtype} and {y.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    with atomic_file(path) as file:
+        np.savez_compressed(file, x=x, y=y)
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a split written by save_split."""
-    hint = "; run the prepare stage (`dvc repro prepare`) to create it"
     if not path.is_file():
-        raise DataError(f"{path}: not found{hint}")
+        raise DataError(f"{path}: not found")
+    hint = ProjectPaths.cwd().rerun_hint(path)
     arrays = _read_npz(path, ("x", "y"), hint)
     x, y = arrays["x"], arrays["y"]
     if len(x) != len(y):
         raise DataError(f"{path}: {len(x)} images but {len(y)} labels{hint}")
     return x, y
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 images [N, 28, 28] -> float32 [N, 28, 28, 1] in [0, 1], the models' input."""
+    return (images.astype(np.float32) / PIXEL_MAX)[..., np.newaxis]
+
+
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """Digit labels [N] -> float32 one-hot targets [N, 10], what the models' loss takes."""
+    return np.eye(NUM_CLASSES, dtype=np.float32)[labels]

@@ -1,4 +1,4 @@
-"""A quantised TensorFlow Lite export of a Keras model, and what it costs and saves.
+"""The champion's quantised TensorFlow Lite export: convert, write, compare with Keras, report.
 
 TF-specific by nature: the TFLite converter traces the model through TensorFlow, so it needs
 Keras on the TensorFlow backend. `unavailable_reason` says why an export cannot run instead of
@@ -7,6 +7,7 @@ failing halfway.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 import time
@@ -17,15 +18,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import keras
+import mlflow
 import numpy as np
 
+from mnist_mlops.config import EvaluateParams
+from mnist_mlops.data import to_model_input
+from mnist_mlops.files import write_bytes, write_json
 from mnist_mlops.models import inference_copy
+from mnist_mlops.registry import CHAMPION_ALIAS, GateDecision, load_keras_model
 
 Quantization = Literal["int8", "float16"]
 # Enough images for the int8 converter to see each activation's range; more only adds time.
 REPRESENTATIVE_IMAGES = 200
 _BATCH = 256
 _WARMUP_CALLS = 5
+
+log = logging.getLogger(__name__)
 
 
 def unavailable_reason() -> str | None:
@@ -67,13 +75,11 @@ class TFLiteClassifier:
     """Runs a TFLite flatbuffer with the Keras model's calling convention: float32 in, probs out."""
 
     def __init__(self, flatbuffer: bytes) -> None:
-        import tensorflow as tf  # see quantize
+        # LiteRT, the runtime TFLite files run on in apps, not tf.lite.Interpreter (deprecated
+        # in its favour): the check measures what a deployment would run.
+        from ai_edge_litert.interpreter import Interpreter
 
-        # TF 2.21 still ships tf.lite.Interpreter and warns that it moves to ai-edge-litert;
-        # the pinned TF keeps it, and one fewer package keeps the environment lean.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            self._interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+        self._interpreter = Interpreter(model_content=flatbuffer)
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch = 0
@@ -164,3 +170,59 @@ def compare(
         keras_latency_ms=1000 * latency_seconds(model.predict_on_batch, timed),
         tflite_latency_ms=1000 * latency_seconds(exported.predict, timed),
     )
+
+
+def export_champion(
+    decision: GateDecision,
+    registered: dict[str, Any],
+    tuned_model: keras.Model,
+    test: tuple[np.ndarray, np.ndarray],
+    representative: np.ndarray,
+    params: EvaluateParams,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Quantise whichever version holds `champion` and compare it with its Keras form.
+
+    `tuned_model` is the version just evaluated (`registered`); another champion is loaded from
+    the registry. `representative` (uint8 images, never the test set) calibrates int8 ranges.
+    Writes `out_dir/export/<model>-v<version>-<mode>.tflite` and `out_dir/export.json` (what was
+    exported and how it compares, or why nothing was), logs both and the `export_*` metrics to
+    the active MLflow run, and returns the summary.
+    """
+    reason = unavailable_reason()
+    if reason is None and decision.champion is None:
+        reason = f"no version of {registered['name']} holds @{CHAMPION_ALIAS}"
+    export_dir = out_dir / "export"
+    export_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
+    if reason is not None:
+        summary: dict[str, Any] = {"exported": False, "reason": reason}
+        log.warning("no quantised export: %s", reason)
+    else:
+        version = decision.champion
+        model = (
+            tuned_model
+            if version == registered["version"]
+            else load_keras_model(f"models:/{registered['name']}/{version}")
+        )
+        mode = params.quantization
+        flatbuffer = quantize(model, mode, to_model_input(representative))
+        path = export_dir / f"{registered['name']}-v{version}-{mode}.tflite"
+        write_bytes(path, flatbuffer)
+        mlflow.log_artifact(str(path), "export")
+        comparison = compare(
+            model, flatbuffer, to_model_input(test[0]), test[1], params.latency_images
+        )
+        summary = {
+            "exported": True,
+            "model": registered["name"],
+            "version": version,
+            "quantization": mode,
+            "file": path.name,
+            **comparison.metrics(),
+        }
+        mlflow.log_metrics(
+            {f"export_{key}": float(value) for key, value in comparison.metrics().items()}
+        )
+    write_json(out_dir / "export.json", summary)
+    mlflow.log_dict(summary, "export.json")
+    return summary

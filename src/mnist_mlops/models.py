@@ -2,7 +2,7 @@
 
 `build_model` is plain Keras 3 (no backend calls), so the same code trains on TensorFlow here and
 on JAX on a GPU machine. Models take float32 images `[N, 28, 28, 1]` scaled to [0, 1] and return
-ten softmax probabilities, and train on one-hot labels (`training.one_hot`): Keras's sparse
+ten softmax probabilities, and train on one-hot labels (`data.one_hot`): Keras's sparse
 cross-entropy has no label smoothing.
 """
 
@@ -16,9 +16,9 @@ import keras_tuner as kt
 import numpy as np
 
 from mnist_mlops.augmentation import fit_data
+from mnist_mlops.data import NUM_CLASSES
 
 INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 POOL_SIZE = 2
 # Keras's default 0.99 leaves the moving variance ~10x too large after a few hundred steps, so
 # a short tuning trial with batch norm scored ~12% at inference while 97.7% in training mode.
@@ -313,3 +313,31 @@ class MnistHyperModel(kt.HyperModel):
                 )
         augment_seed = self.seed if self.augment else None
         return model.fit(**fit_data(x, y, sample_batch_size(hp), augment_seed), **kwargs)
+
+
+def conv_activations(
+    model: keras.Model, inputs: np.ndarray, max_layers: int
+) -> dict[str, np.ndarray]:
+    """Outputs of the model's first `max_layers` Conv2D layers for `inputs`, by layer name.
+
+    A wrapper's (an ensemble's, a shift-averaged model's) are those of its first sub-model, for
+    the unmoved image. Empty for a model without convolutions (the search may pick an MLP).
+    """
+    while not _convs(model) and (nested := _sub_models(model)):
+        model = nested[0]
+    convs = _convs(model)[:max_layers]
+    if not convs:
+        return {}
+    probe = keras.Model(model.inputs, [layer.output for layer in convs])
+    outputs = probe.predict(inputs, verbose=0)
+    if len(convs) == 1:
+        outputs = [outputs]
+    return {layer.name: np.asarray(out) for layer, out in zip(convs, outputs, strict=True)}
+
+
+def _convs(model: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def _sub_models(model: keras.Model) -> list[keras.Model]:
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]

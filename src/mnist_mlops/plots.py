@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -14,8 +14,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:  # a runtime import would load Keras into every stage that draws
-    from mnist_mlops.evaluation import Calibration
+from mnist_mlops.metrics import Calibration
 
 _RIGHT, _WRONG = "tab:green", "tab:red"
 

@@ -7,9 +7,9 @@ the same `dvc repro` (`pipeline_run_id`).
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,25 +26,10 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from mnist_mlops.config import Params
+from mnist_mlops.paths import project_root
 
-_EXPS_TEMP_DIR = Path(".dvc") / "tmp" / "exps"
 # Requirements recorded with logged models; listing them avoids mlflow's ~10 s dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
-
-
-def project_root() -> Path:
-    """The repository the user works in, also when DVC runs a stage in a temporary copy.
-
-    `dvc exp run --temp` executes in `<repo>/.dvc/tmp/exps/<name>/`; results must still land in
-    the user's store, not in a copy that DVC deletes afterwards.
-    """
-    root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
-    parts = root.parts
-    marker = _EXPS_TEMP_DIR.parts
-    for i in range(len(parts) - len(marker) + 1):
-        if parts[i : i + len(marker)] == marker:
-            return Path(*parts[:i])
-    return root
 
 
 def tracking_uri() -> str:
@@ -153,7 +138,7 @@ def stage_run(
         for section in sections:
             logged |= flatten(section, params.section(section))
         mlflow.log_params(logged)
-        print(f"[{stage}] MLflow run {run.info.run_id} in {tracking_uri()}", file=sys.stderr)
+        logging.getLogger(stage).info("MLflow run %s in %s", run.info.run_id, tracking_uri())
         yield run
 
 

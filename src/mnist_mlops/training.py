@@ -1,8 +1,8 @@
-"""What the training stages share: seeding, model inputs, fitting, saving a model and config."""
+"""What the training stages share: seeding, fitting with progress output, saving a model with its
+config and history."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -13,10 +13,8 @@ import keras
 import numpy as np
 
 from mnist_mlops.augmentation import fit_data
-from mnist_mlops.errors import PipelineError
-from mnist_mlops.models import NUM_CLASSES
-
-PIXEL_MAX = 255.0
+from mnist_mlops.data import one_hot, to_model_input
+from mnist_mlops.files import atomic_path, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -31,16 +29,6 @@ def seed_everything(seed: int) -> None:
         import tensorflow as tf  # only the TF backend needs (and has) this switch
 
         tf.config.experimental.enable_op_determinism()
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 images [N, 28, 28] -> float32 [N, 28, 28, 1] in [0, 1], the models' input."""
-    return (images.astype(np.float32) / PIXEL_MAX)[..., np.newaxis]
-
-
-def one_hot(labels: np.ndarray) -> np.ndarray:
-    """Digit labels [N] -> float32 one-hot targets [N, 10], what the models' loss takes."""
-    return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
 
 
 def progress_verbosity() -> int:
@@ -101,8 +89,8 @@ def save_model(
     history.json holds one row per epoch (`[{"epoch": 1, "loss": ..}, ..]`), the layout
     `dvc plots` reads.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save(directory / "model.keras")
+    with atomic_path(directory / "model.keras") as tmp:
+        model.save(tmp)
     write_json(directory / "config.json", config)
     epochs = len(history["loss"])
     rows = [
@@ -110,24 +98,3 @@ def save_model(
         for i in range(epochs)
     ]
     write_json(directory / "history.json", rows)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically, so a crash never leaves a half-written hand-over file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path, produced_by: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(
-            f"{path}: not found; run the {produced_by} stage first (dvc repro {produced_by})"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise PipelineError(
-            f"{path}: not valid JSON ({err}); re-run dvc repro {produced_by}"
-        ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import math
 import shutil
 import sys
@@ -27,14 +28,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlops import models
 from mnist_mlops.config import TuneParams
+from mnist_mlops.files import read_json, write_json
 from mnist_mlops.tracking import EpochMetricsLogger
-from mnist_mlops.training import write_json
 
 OBJECTIVE = "val_accuracy"
 PROJECT = "search"
 STATE_FILE = "search.json"
 # Keras Tuner's own "tuner/..." values: Hyperband's bookkeeping, not hyperparameters.
 TUNER_KEYS = "tuner/"
+log = logging.getLogger(__name__)
 _RUN_STATUS = {"COMPLETED": "FINISHED", "FAILED": "FAILED", "INVALID": "FAILED"}
 
 
@@ -68,7 +70,7 @@ class MlflowTrialsMixin:
         trial.mlflow_run_id = run.info.run_id
         trial.started_at = time.monotonic()
         total = f"/{self.expected_trials}" if self.expected_trials else ""
-        print(f"[tune] trial {number}{total}: {json.dumps(params)}", file=sys.stderr)
+        log.info("trial %d%s: %s", number, total, json.dumps(params))
 
     def _try_run_and_update_trial(
         self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any
@@ -85,7 +87,7 @@ class MlflowTrialsMixin:
             number = int(trial.trial_id) + 1
             refused = trial.status == kt.engine.trial.TrialStatus.FAILED
             report = trial.message.strip().splitlines()[-1] if refused else trial.message
-            print(f"[tune] trial {number} failed: {report}", file=sys.stderr)
+            log.warning("trial %d failed: %s", number, report)
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
         callbacks = [*kwargs.pop("callbacks", []), EpochMetricsLogger(trial.mlflow_run_id)]
@@ -261,7 +263,7 @@ def resumable_run_id(state_dir: Path, fingerprint: str) -> str | None:
     state_file = state_dir / STATE_FILE
     run_id = None
     if state_file.exists():
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file)
         if state.get("fingerprint") == fingerprint and not state.get("finished"):
             run_id = state["run_id"]
             try:
@@ -271,7 +273,7 @@ def resumable_run_id(state_dir: Path, fingerprint: str) -> str | None:
             if status in (None, "FINISHED"):
                 run_id = None
         if run_id is None:
-            print(f"[tune] discarding saved search state in {state_dir}", file=sys.stderr)
+            log.info("discarding saved search state in %s", state_dir)
     if run_id is None:
         shutil.rmtree(state_dir, ignore_errors=True)
     return run_id

@@ -6,46 +6,48 @@ Writes: models/baseline/{model.keras,config.json,history.json}.
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import mlflow
 
 from mnist_mlops import plots
-from mnist_mlops.config import Params, load_params
-from mnist_mlops.data import load_split
+from mnist_mlops.config import BaselineParams, load_params
+from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
+from mnist_mlops.paths import ProjectPaths
 from mnist_mlops.tracking import EpochMetricsLogger, log_keras_model, stage_run
-from mnist_mlops.training import fit, save_model, seed_everything, to_model_input
+from mnist_mlops.training import fit, save_model, seed_everything
 
 STAGE = "baseline"
-PREPARED_DIR = Path("data/prepared")
-OUT_DIR = Path("models/baseline")
+log = logging.getLogger(STAGE)
 
 
-def run(params: Params, prepared_dir: Path, out_dir: Path, run_id: str) -> dict[str, list[float]]:
+def run(
+    params: BaselineParams, paths: ProjectPaths, *, seed: int, run_id: str
+) -> dict[str, list[float]]:
     """Train the baseline, logging each epoch to MLflow run `run_id`; return its history."""
-    seed_everything(params.seed)
-    train = load_split(prepared_dir / "train.npz")
-    val = load_split(prepared_dir / "val.npz")
+    seed_everything(seed)
+    train = load_split(paths.require(paths.split("train")))
+    val = load_split(paths.require(paths.split("val")))
     architecture = {
         **BASELINE_ARCHITECTURE,
         "optimizer": "adam",
-        "learning_rate": params.baseline.learning_rate,
-        "label_smoothing": params.baseline.label_smoothing,
+        "learning_rate": params.learning_rate,
+        "label_smoothing": params.label_smoothing,
     }
-    model = build_model(**architecture, seed=params.seed)
-    model.summary(print_fn=lambda line, **_: print(line))
+    model = build_model(**architecture, seed=seed)
+    model.summary(print_fn=lambda text, **_: log.info("%s", text))
     history = fit(
         model,
         train,
         val,
-        epochs=params.baseline.epochs,
-        batch_size=params.baseline.batch_size,
+        epochs=params.epochs,
+        batch_size=params.batch_size,
         callbacks=[EpochMetricsLogger(run_id)],
     )
-    config = {"seed": params.seed, "architecture": architecture, "fit": params.section(STAGE)}
-    save_model(model, out_dir, config, history)
+    config = {"seed": seed, "architecture": architecture, "fit": params.model_dump()}
+    save_model(model, paths.model_dir(STAGE), config, history)
     mlflow.log_dict(config, "config.json")
     mlflow.log_figure(plots.training_curves(history, "Baseline CNN"), "training_curves.png")
     mlflow.log_metric("parameters", model.count_params())
@@ -55,10 +57,11 @@ def run(params: Params, prepared_dir: Path, out_dir: Path, run_id: str) -> dict[
 
 @exit_on_pipeline_error(STAGE)
 def main() -> None:
-    params = load_params()
+    paths = ProjectPaths.cwd()
+    params = load_params(paths.params)
     with stage_run(STAGE, params, (STAGE,)) as active:
-        history = run(params, PREPARED_DIR, OUT_DIR, active.info.run_id)
-    print(f"[{STAGE}] val_accuracy {history['val_accuracy'][-1]:.4f}; saved {OUT_DIR}")
+        history = run(params.baseline, paths, seed=params.seed, run_id=active.info.run_id)
+    log.info("val_accuracy %.4f; saved %s", history["val_accuracy"][-1], paths.model_dir(STAGE))
 
 
 if __name__ == "__main__":

@@ -14,58 +14,60 @@ the model in the MLflow Model Registry.
 
 from __future__ import annotations
 
+import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 
 from mnist_mlops import plots
-from mnist_mlops.config import Params, load_params
+from mnist_mlops.config import RetrainParams, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import exit_on_pipeline_error
+from mnist_mlops.files import read_json, write_json
 from mnist_mlops.models import average_ensemble, build_model, shift_averaged
-from mnist_mlops.serving import log_serving_model
+from mnist_mlops.paths import ProjectPaths
+from mnist_mlops.registry import log_serving_model
 from mnist_mlops.tracking import EpochMetricsLogger, stage_run
-from mnist_mlops.training import (
-    fit,
-    read_json,
-    save_model,
-    seed_everything,
-    write_json,
-)
+from mnist_mlops.training import fit, save_model, seed_everything
 
 STAGE = "retrain"
-PREPARED_DIR = Path("data/prepared")
-BEST_HPARAMS = Path("tuning/best_hparams.json")
-OUT_DIR = Path("models/tuned")
+MODEL_NAME = "tuned"  # models/tuned/
+log = logging.getLogger(STAGE)
 
 
 def run(
-    params: Params, best: dict[str, Any], prepared_dir: Path, out_dir: Path, run_id: str
+    params: RetrainParams,
+    paths: ProjectPaths,
+    *,
+    seed: int,
+    run_id: str,
+    registered_model: str,
 ) -> dict[str, Any]:
-    """Train the best configuration on train + val, log and register it; return registry info."""
-    x_train, y_train = load_split(prepared_dir / "train.npz")
-    x_val, y_val = load_split(prepared_dir / "val.npz")
+    """Train the best configuration on train + val, log it and register it as a new version of
+    `registered_model`; return the registry hand-over (also written as registered.json)."""
+    best = read_json(paths.require(paths.best_hparams))
+    x_train, y_train = load_split(paths.require(paths.split("train")))
+    x_val, y_val = load_split(paths.require(paths.split("val")))
     x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
     batch_size = best["batch_size"]
-    steps = params.retrain.epochs * math.ceil(len(y_all) / batch_size)
+    steps = params.epochs * math.ceil(len(y_all) / batch_size)
     architecture = {
         **best["architecture"],
-        "decay_steps": steps if params.retrain.lr_schedule == "cosine" else None,
-        "label_smoothing": params.retrain.label_smoothing,
+        "decay_steps": steps if params.lr_schedule == "cosine" else None,
+        "label_smoothing": params.label_smoothing,
     }
-    epochs = params.retrain.epochs
-    seeds = member_seeds(params.seed, params.retrain.ensemble_size)
+    epochs = params.epochs
+    seeds = member_seeds(seed, params.ensemble_size)
     members, histories = [], []
-    for i, seed in enumerate(seeds):
+    for i, member_seed in enumerate(seeds):
         if len(seeds) > 1:
-            print(f"[{STAGE}] ensemble member {i + 1}/{len(seeds)} (seed {seed})")
-        seed_everything(seed)
-        member = build_model(**architecture, seed=seed)
+            log.info("ensemble member %d/%d (seed %d)", i + 1, len(seeds), member_seed)
+        seed_everything(member_seed)
+        member = build_model(**architecture, seed=member_seed)
         if i == 0:
-            member.summary(print_fn=lambda line, **_: print(line))
+            member.summary(print_fn=lambda text, **_: log.info("%s", text))
         histories.append(
             fit(
                 member,
@@ -74,39 +76,37 @@ def run(
                 epochs=epochs,
                 batch_size=batch_size,
                 callbacks=[EpochMetricsLogger(run_id)],
-                augment_seed=seed if params.retrain.augment else None,
+                augment_seed=member_seed if params.augment else None,
                 initial_epoch=i * epochs,
             )
         )
         members.append(member)
-    model = shift_averaged(average_ensemble(members), params.retrain.test_time_shift)
+    model = shift_averaged(average_ensemble(members), params.test_time_shift)
     history = {key: [v for h in histories for v in h[key]] for key in histories[0]}
     if len(members) > 1:
         history["member"] = [i for i, h in enumerate(histories) for _ in h["loss"]]
     config = {
-        "seed": params.seed,
+        "seed": seed,
         "architecture": architecture,
         "batch_size": batch_size,
         "member_seeds": seeds,
-        "fit": params.section(STAGE),
+        "fit": params.model_dump(),
         "tuned_from": best,
     }
-    save_model(model, out_dir, config, history)
+    save_model(model, paths.model_dir(MODEL_NAME), config, history)
     mlflow.log_params({f"architecture.{k}": v for k, v in architecture.items()})
     mlflow.log_metric("parameters", model.count_params())
     mlflow.log_dict(config, "config.json")
     mlflow.log_figure(plots.training_curves(history, "Tuned CNN, retrained"), "training_curves.png")
     # The served form: validates requests and accepts tensors, raw pixels and PNGs.
-    info = log_serving_model(
-        out_dir / "model.keras", registered_model_name=params.mlflow.registered_model
-    )
+    info = log_serving_model(paths.model_file(MODEL_NAME), registered_model_name=registered_model)
     registered = {
-        "name": params.mlflow.registered_model,
+        "name": registered_model,
         "version": str(info.registered_model_version),
         "model_uri": info.model_uri,
         "run_id": run_id,
     }
-    write_json(out_dir / "registered.json", registered)
+    write_json(paths.registered, registered)
     return registered
 
 
@@ -120,11 +120,18 @@ def member_seeds(seed: int, ensemble_size: int) -> list[int]:
 
 @exit_on_pipeline_error(STAGE)
 def main() -> None:
-    params = load_params()
-    best = read_json(BEST_HPARAMS, "tune")
+    paths = ProjectPaths.cwd()
+    params = load_params(paths.params)
+    paths.require(paths.best_hparams)  # before a run is opened for nothing
     with stage_run(STAGE, params, (STAGE,)) as active:
-        registered = run(params, best, PREPARED_DIR, OUT_DIR, active.info.run_id)
-    print(f"[{STAGE}] registered {registered['name']} version {registered['version']}")
+        registered = run(
+            params.retrain,
+            paths,
+            seed=params.seed,
+            run_id=active.info.run_id,
+            registered_model=params.mlflow.registered_model,
+        )
+    log.info("registered %s version %s", registered["name"], registered["version"])
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ tuning/trials.json, tuning/metrics.json. Keeps its resumable search state in tun
 
 from __future__ import annotations
 
+import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -16,45 +16,38 @@ import mlflow
 import pandas as pd
 
 from mnist_mlops import plots, tuning
-from mnist_mlops.config import Params, load_params
-from mnist_mlops.data import load_split, stratified_subset
+from mnist_mlops.config import TuneParams, load_params
+from mnist_mlops.data import load_split, one_hot, stratified_subset, to_model_input
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
+from mnist_mlops.files import read_json, write_json
+from mnist_mlops.paths import ProjectPaths
 from mnist_mlops.tracking import stage_run
-from mnist_mlops.training import (
-    one_hot,
-    progress_verbosity,
-    read_json,
-    seed_everything,
-    to_model_input,
-    write_json,
-)
+from mnist_mlops.training import progress_verbosity, seed_everything
 
 STAGE = "tune"
-PREPARED_DIR = Path("data/prepared")
-OUT_DIR = Path("tuning")
-STATE_DIR = OUT_DIR / "state"
+log = logging.getLogger(STAGE)
 
 
-def run(params: Params, prepared_dir: Path, out_dir: Path, state_dir: Path, run_id: str) -> dict:
+def run(params: TuneParams, paths: ProjectPaths, *, seed: int, run_id: str) -> dict[str, Any]:
     """Run or continue the search, logging into tune run `run_id`; return the best config."""
-    seed_everything(params.seed)
-    x_train, y_train = load_split(prepared_dir / "train.npz")
-    x_val, y_val = load_split(prepared_dir / "val.npz")
-    if params.tune.search_subset is not None:
+    seed_everything(seed)
+    x_train, y_train = load_split(paths.require(paths.split("train")))
+    x_val, y_val = load_split(paths.require(paths.split("val")))
+    if params.search_subset is not None:
         x_train, y_train = stratified_subset(
-            x_train, y_train, params.tune.search_subset, params.seed
+            x_train, y_train, params.search_subset, seed, name="tune.search_subset"
         )
-    tuner = tuning.make_tuner(params.tune, params.seed, state_dir, run_id)
+    tuner = tuning.make_tuner(params, seed, paths.tuning_state, run_id)
     tuner.search_space_summary()
     started = time.monotonic()
     tuner.search(
         to_model_input(x_train),
         one_hot(y_train),
         validation_data=(to_model_input(x_val), one_hot(y_val)),
-        epochs=params.tune.epochs,
+        epochs=params.epochs,
         callbacks=[
             keras.callbacks.EarlyStopping(
-                monitor=tuning.OBJECTIVE, patience=params.tune.early_stopping_patience
+                monitor=tuning.OBJECTIVE, patience=params.early_stopping_patience
             )
         ],
         verbose=progress_verbosity(),
@@ -74,9 +67,9 @@ def run(params: Params, prepared_dir: Path, out_dir: Path, state_dir: Path, run_
         "epochs_trained": tuner.epochs_trained,
         "train_examples": len(y_train),
     }
-    write_json(out_dir / "best_hparams.json", best)
-    write_json(out_dir / "trials.json", rows)
-    write_json(out_dir / "metrics.json", summary)
+    write_json(paths.best_hparams, best)
+    write_json(paths.tuning / "trials.json", rows)
+    write_json(paths.tuning / "metrics.json", summary)
     _log_summary(best, rows, summary)
     return best
 
@@ -99,24 +92,30 @@ def _log_summary(best: dict[str, Any], rows: list[dict[str, Any]], summary: dict
 
 @exit_on_pipeline_error(STAGE)
 def main() -> None:
-    params = load_params()
-    data_digest = read_json(PREPARED_DIR / "summary.json", "prepare")["sha256"]
+    paths = ProjectPaths.cwd()
+    params = load_params(paths.params)
+    data_digest = read_json(paths.require(paths.data_summary))["sha256"]
     fingerprint = tuning.search_fingerprint(params.tune, params.seed, str(data_digest))
-    resume_id = tuning.resumable_run_id(STATE_DIR, fingerprint)
+    resume_id = tuning.resumable_run_id(paths.tuning_state, fingerprint)
     with stage_run(STAGE, params, (STAGE,), resume_run_id=resume_id) as active:
         run_id = active.info.run_id
         if resume_id:
             killed = tuning.kill_orphaned_trial_runs(run_id)
-            print(
-                f"[{STAGE}] resuming the interrupted search of run {run_id} "
-                f"({killed} interrupted trial run(s) marked KILLED)"
+            log.info(
+                "resuming the interrupted search of run %s (%d interrupted trial run(s) marked "
+                "KILLED)",
+                run_id,
+                killed,
             )
-        tuning.save_state(STATE_DIR, fingerprint, run_id, finished=False)
-        best = run(params, PREPARED_DIR, OUT_DIR, STATE_DIR, run_id)
-        tuning.save_state(STATE_DIR, fingerprint, run_id, finished=True)
-    print(
-        f"[{STAGE}] best {tuning.OBJECTIVE} {best[tuning.OBJECTIVE]:.4f} (trial "
-        f"{best['trial_id']}): {best['hyperparameters']}"
+        tuning.save_state(paths.tuning_state, fingerprint, run_id, finished=False)
+        best = run(params.tune, paths, seed=params.seed, run_id=run_id)
+        tuning.save_state(paths.tuning_state, fingerprint, run_id, finished=True)
+    log.info(
+        "best %s %.4f (trial %s): %s",
+        tuning.OBJECTIVE,
+        best[tuning.OBJECTIVE],
+        best["trial_id"],
+        best["hyperparameters"],
     )
 
 

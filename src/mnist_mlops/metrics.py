@@ -1,18 +1,19 @@
-"""Test-set analysis as pure functions of labels and predicted probabilities, and the
-Model Registry gate that decides which model version holds the `champion` alias."""
+"""Test-set analysis as pure functions of labels and predicted probabilities (no Keras).
+
+`analyse` gathers everything evaluate reports about one model; the functions it calls are
+usable on their own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-import keras
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from mnist_mlops.models import NUM_CLASSES
+from mnist_mlops.data import NUM_CLASSES
 
-CHAMPION_ALIAS = "champion"
 _EPS = 1e-7
 
 
@@ -147,106 +148,57 @@ def first_of_each_digit(labels: np.ndarray) -> np.ndarray:
     return np.array([np.flatnonzero(labels == d)[0] for d in range(NUM_CLASSES) if d in labels])
 
 
-def conv_activations(
-    model: keras.Model, inputs: np.ndarray, max_layers: int
-) -> dict[str, np.ndarray]:
-    """Outputs of the model's first `max_layers` Conv2D layers for `inputs`, by layer name.
-
-    A wrapper's (an ensemble's, a shift-averaged model's) are those of its first sub-model, for
-    the unmoved image. Empty for a model without convolutions (the search may pick an MLP).
-    """
-    while not _convs(model) and (nested := _sub_models(model)):
-        model = nested[0]
-    convs = _convs(model)[:max_layers]
-    if not convs:
-        return {}
-    probe = keras.Model(model.inputs, [layer.output for layer in convs])
-    outputs = probe.predict(inputs, verbose=0)
-    if len(convs) == 1:
-        outputs = [outputs]
-    return {layer.name: np.asarray(out) for layer, out in zip(convs, outputs, strict=True)}
-
-
-def _convs(model: keras.Model) -> list[keras.layers.Layer]:
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-
-
-def _sub_models(model: keras.Model) -> list[keras.Model]:
-    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
-
-
 @dataclass(frozen=True)
-class Champion:
-    """The model version that holds `champion`, with the test accuracy it was tagged with."""
+class ModelAnalysis:
+    """What the test set says about one model: computed by `analyse`, written and logged by the
+    evaluate stage."""
 
-    version: str
-    accuracy: float | None
+    name: str
+    probabilities: np.ndarray  # [N, 10] on the clean test set
+    scores: dict[str, float]
+    matrix: np.ndarray
+    per_digit: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    mistakes: list[dict[str, Any]]
+    calibration: Calibration
+    robustness: dict[str, float]  # test-set condition ("clean", "rotation", ..) -> accuracy
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric names, the same in metrics.json and MLflow."""
+        return {
+            **{f"{self.name}_test_{k}": v for k, v in self.scores.items()},
+            f"{self.name}_test_ece": self.calibration.ece,
+            **{
+                f"{self.name}_robustness_{condition}_accuracy": value
+                for condition, value in self.robustness.items()
+                if condition != "clean"
+            },
+        }
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    """`champion`: the version that holds the alias after the gate (None: no version does)."""
-
-    champion: str | None
-    promoted: bool
-    reason: str
-
-
-def champion_gate(
-    candidate: str,
-    candidate_accuracy: float,
-    baseline_accuracy: float,
-    min_accuracy: float,
-    current: Champion | None,
-) -> GateDecision:
-    """Decide who holds `champion` once version `candidate` has been evaluated.
-
-    The candidate earns the alias by reaching the gate and the baseline; a tie with either
-    counts as reaching it. Otherwise the current champion keeps the alias, unless the current
-    champion is this very version re-evaluated against a stricter gate: then it loses the alias
-    and no version holds it.
-    """
-    accuracy_text = f"test accuracy {candidate_accuracy:.4f}"
-    if candidate_accuracy < min_accuracy:
-        failure = (
-            f"{accuracy_text} is below the gate {min_accuracy:.4f} (evaluate.champion_min_accuracy)"
-        )
-    elif candidate_accuracy < baseline_accuracy:
-        failure = f"{accuracy_text} is below the baseline's {baseline_accuracy:.4f}"
-    else:
-        failure = None
-
-    if failure is None:
-        ties = [
-            name
-            for name, value in (("gate", min_accuracy), ("baseline", baseline_accuracy))
-            if candidate_accuracy == value
-        ]
-        reason = (
-            f"v{candidate} promoted to @{CHAMPION_ALIAS}: {accuracy_text} reaches the gate "
-            f"{min_accuracy:.4f} and the baseline's {baseline_accuracy:.4f}"
-        )
-        if ties:
-            reason += f" (ties the {' and the '.join(ties)}; a tie is enough)"
-        if current is None:
-            reason += f"; no version held @{CHAMPION_ALIAS} before"
-        elif current.version == candidate:
-            reason += f"; it already held @{CHAMPION_ALIAS}"
-        else:
-            reason += f"; it replaces v{current.version}{_accuracy_note(current)}"
-        return GateDecision(champion=candidate, promoted=True, reason=reason)
-
-    reason = f"v{candidate} not promoted: {failure}"
-    if current is None:
-        return GateDecision(None, False, f"{reason}; no version holds @{CHAMPION_ALIAS} yet")
-    if current.version == candidate:
-        return GateDecision(None, False, f"{reason}; it loses the @{CHAMPION_ALIAS} it held")
-    return GateDecision(
-        current.version,
-        False,
-        f"{reason}; v{current.version}{_accuracy_note(current)} keeps @{CHAMPION_ALIAS}",
+def analyse(
+    name: str,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    corrupted_probabilities: dict[str, np.ndarray],
+    *,
+    gallery_size: int,
+    calibration_bins: int,
+    top_pairs: int,
+) -> ModelAnalysis:
+    """Everything evaluate reports about one model, from its predicted probabilities on the test
+    set and on each corrupted copy of it."""
+    y_pred = probabilities.argmax(axis=1)
+    matrix = confusion(labels, y_pred)
+    return ModelAnalysis(
+        name=name,
+        probabilities=probabilities,
+        scores=scores(labels, probabilities),
+        matrix=matrix,
+        per_digit=per_digit_report(labels, y_pred),
+        pairs=confused_pairs(matrix, top_pairs),
+        mistakes=misclassified(labels, probabilities, gallery_size),
+        calibration=calibration(labels, probabilities, calibration_bins),
+        robustness={"clean": accuracy(labels, probabilities)}
+        | {kind: accuracy(labels, p) for kind, p in corrupted_probabilities.items()},
     )
-
-
-def _accuracy_note(champion: Champion) -> str:
-    return f" (test accuracy {champion.accuracy:.4f})" if champion.accuracy is not None else ""

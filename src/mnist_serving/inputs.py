@@ -1,8 +1,4 @@
-"""The registered model as `mlflow models serve` runs it: fast, and strict about its input.
-
-`log_serving_model` logs `DigitClassifier`, an MLflow pyfunc model that loads the `.keras` model
-once and predicts with `predict_on_batch` (the traced graph, about 1 ms for one image) instead of
-the `mlflow.keras` flavor's `model.predict` (60-80 ms per request).
+"""Request validation and conversion: what a client sends -> float32 images [N, 28, 28, 1].
 
 A request is a batch of at most `MAX_BATCH` images, one record per image. Each record holds
 exactly one of these fields (docs/serving.md has the curl and Python versions):
@@ -13,45 +9,21 @@ exactly one of these fields (docs/serving.md has the curl and Python versions):
     png     a base64 PNG file of any size, grayscale or colour, any background: it is converted
             to the MNIST convention (white digit on black, fitted into 20x20, centred by mass)
 
-Records go as `{"dataframe_records": [{"pixels": [...]}, {"png": "..."}]}`, or a batch of one
-form as columns: `{"inputs": {"image": x.tolist()}}` for x of shape [N, 28, 28, 1]. Each answer
-is `{"digit": d, "probabilities": [p0, ..., p9]}`.
-
-The signature is column-based with optional columns because a tensor signature fixes one dtype
-and rank (float32 [N, 28, 28, 1] cannot also take integers or strings) and casts before the
-model sees the data, which hides integer/float/string mix-ups and NaN from validation. MLflow
-passes `Any` columns through untouched, so every check lives in the plain functions below and
-every bad input gets a 400 that names the record, the field and the problem.
+Plain functions, unit-tested without a server; every bad input raises `InvalidInputError`,
+which the scoring server answers with HTTP 400 and the message (naming record, field, problem).
 """
 
 from __future__ import annotations
 
 import binascii
-import contextlib
 import io
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-import warnings
-from pathlib import Path
 from typing import Any
 
-import keras
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, DataType, Schema
-from mlflow.types.schema import AnyType, Array
 from PIL import Image
 
 SIDE = 28
@@ -72,41 +44,12 @@ CENTRE = 14.0
 INK_THRESHOLD = 0.1  # share of the strongest stroke that counts as ink when finding the digit
 MIN_CONTRAST = 8 / 255  # less than this between ink and background: a blank image
 
-KERAS_ARTIFACT = "keras_model"
-SERVER_HOST = "127.0.0.1"
-
-SIGNATURE = ModelSignature(
-    inputs=Schema(
-        [
-            ColSpec(AnyType(), "image", required=False),
-            ColSpec(AnyType(), "pixels", required=False),
-            ColSpec(DataType.string, "png", required=False),
-        ]
-    ),
-    outputs=Schema(
-        [ColSpec(DataType.long, "digit"), ColSpec(Array(DataType.float), "probabilities")]
-    ),
-)
-# Shapes, ranges and limits the signature cannot express; stored in the MLmodel file.
-REQUEST_FORMS = {
-    "image": "28x28 floats in [0, 1], white digit on black: [28, 28, 1], [28, 28] or [784]",
-    "pixels": (
-        "28x28 raw pixels, JSON integers 0..255: [28, 28], [28, 28, 1] or [784]; "
-        "or a base64 string of the 784 bytes (uint8, row-major)"
-    ),
-    "png": "base64 PNG, any size, grayscale or colour; converted to the MNIST convention",
-    "max_batch": str(MAX_BATCH),
-}
-
 
 class InvalidInputError(MlflowException):
     """A request the model cannot score; the scoring server answers it with 400 and the message."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-# --- conversion and validation: plain functions, unit-tested without a server -----------------
 
 
 def prepare_batch(model_input: pd.DataFrame) -> np.ndarray:
@@ -267,17 +210,6 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def format_predictions(probabilities: np.ndarray) -> list[dict[str, Any]]:
-    """[N, 10] probabilities -> per image `{"digit": d, "probabilities": [p0, ..., p9]}`."""
-    # A list, not a DataFrame: the scoring server turns a DataFrame into these same records
-    # first, which doubles the cost of the response (10 of 20 ms for 1024 images).
-    digits = probabilities.argmax(axis=1).tolist()
-    return [
-        {"digit": digit, "probabilities": row}
-        for digit, row in zip(digits, probabilities.tolist(), strict=True)
-    ]
-
-
 def _numeric_array(value: Any, field: str) -> np.ndarray:
     if isinstance(value, str):
         raise InvalidInputError(f"'{field}' must be an array of numbers, got a string")
@@ -378,192 +310,3 @@ def _json_type(value: Any) -> str:
 
 def _names(items: Any) -> str:
     return ", ".join(f"'{item}'" if isinstance(item, str) else str(item) for item in items)
-
-
-# --- the model --------------------------------------------------------------------------------
-
-
-class DigitClassifier(mlflow.pyfunc.PythonModel):
-    """The MNIST classifier behind `mlflow models serve`: validated records in, digits out."""
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        # Two batch sizes make TensorFlow retrace once with a dynamic batch dimension; without
-        # this the first requests of each new size pay 50-70 ms of tracing.
-        for size in (1, 2):
-            self.model.predict_on_batch(np.zeros((size, SIDE, SIDE, 1), np.float32))
-
-    def predict(
-        self,
-        context: mlflow.pyfunc.PythonModelContext,
-        model_input: pd.DataFrame,
-        params: dict[str, Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        # predict_on_batch runs the traced graph; model(x) costs ~5 ms of eager dispatch and
-        # model.predict ~60 ms of per-call setup, for one image.
-        return format_predictions(self.model.predict_on_batch(prepare_batch(model_input)))
-
-
-def log_serving_model(
-    model: keras.Model | Path, registered_model_name: str | None = None
-) -> ModelInfo:
-    """Log `DigitClassifier` around a Keras model (or a `.keras` file) as artifact `model`.
-
-    Logs into the active run, registering a new version of `registered_model_name` if given.
-    The `mnist_mlops` package goes with the model as code, so a served version keeps the
-    validation it was logged with.
-    """
-    # Imported here so that serving the model does not import the pipeline's dependencies.
-    from mnist_mlops.tracking import model_requirements
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(model, keras.Model):
-            path = Path(tmp) / "model.keras"
-            model.save(path)
-        else:
-            path = Path(model)
-        # input_example= crashes on mlflow 3.17 (mlflow#16183); the signature and the
-        # metadata document the input, so MLflow's warning about the missing example is noise.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            return mlflow.pyfunc.log_model(
-                name="model",
-                python_model=DigitClassifier(),
-                artifacts={KERAS_ARTIFACT: str(path)},
-                code_paths=[str(Path(__file__).resolve().parent)],
-                signature=SIGNATURE,
-                metadata={"request_forms": REQUEST_FORMS},
-                pip_requirements=model_requirements(),
-                registered_model_name=registered_model_name,
-            )
-
-
-def load_keras_model(model_uri: str) -> keras.Model:
-    """The Keras model of a version logged by `log_serving_model` or by `mlflow.keras`.
-
-    For code that needs the Keras model itself (evaluation, export) whichever way a registered
-    version was logged; a serving version's model comes back uncompiled.
-    """
-    if "keras" in mlflow.models.get_model_info(model_uri).flavors:
-        return mlflow.keras.load_model(model_uri)
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
-
-
-# --- a local scoring server, for tests and benchmarks -------------------------------------------
-
-
-class ScoringServer:
-    """`mlflow models serve --env-manager local` on 127.0.0.1, started and stopped by PID.
-
-    The command runs uvicorn from the interpreter's bin directory, which therefore goes first
-    on PATH. Output goes to `log_path`, so a failed start can show why.
-    """
-
-    def __init__(
-        self,
-        model_uri: str,
-        tracking_uri: str,
-        log_path: Path,
-        port: int | None = None,
-        startup_timeout: float = 180.0,
-    ) -> None:
-        self.model_uri = model_uri
-        self.tracking_uri = tracking_uri
-        self.log_path = log_path
-        self.port = port or free_port()
-        self.startup_timeout = startup_timeout
-        self.url = f"http://{SERVER_HOST}:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> ScoringServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        bin_dir = str(Path(sys.executable).parent)
-        env = {
-            **os.environ,
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        }
-        command = [
-            sys.executable, "-m", "mlflow", "models", "serve",
-            "-m", self.model_uri, "--env-manager", "local",
-            "--host", SERVER_HOST, "--port", str(self.port),
-        ]  # fmt: skip
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        while not self.ping():
-            problem = None
-            if self.process.poll() is not None:
-                problem = f"exited with code {self.process.returncode} before answering /ping"
-            elif time.monotonic() > deadline:
-                problem = f"did not answer /ping within {self.startup_timeout:.0f} s"
-            if problem:
-                self.stop()
-                raise RuntimeError(f"model server {problem}; its log:\n{self.log()}")
-            time.sleep(0.25)
-
-    def ping(self) -> bool:
-        return ping(self.url)
-
-    def pids(self) -> list[int]:
-        """The `mlflow models serve` process and the uvicorn process it runs."""
-        return _process_tree(self.process.pid) if self.process else []
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop uvicorn first, so that the mlflow process reaps it and exits; force if stuck."""
-        if self.process is None:
-            return
-        process, self.process = self.process, None
-        tree = _process_tree(process.pid)
-        # Signalling the mlflow process first would orphan uvicorn, and an orphan may never be
-        # reaped (in a container whose init does not reap, it stays a zombie).
-        _signal(tree[1:] or tree, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal(tree, signal.SIGKILL)
-            process.wait(timeout=timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def ping(url: str, timeout: float = 2.0) -> bool:
-    """Whether the scoring server at `url` answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:  # URLError, refused connections and timeouts alike
-        return False
-
-
-def _process_tree(pid: int) -> list[int]:
-    # psutil is imported here so that serving the model does not need it.
-    import psutil
-
-    try:
-        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _signal(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((SERVER_HOST, 0))
-        return sock.getsockname()[1]

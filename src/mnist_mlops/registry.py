@@ -1,0 +1,222 @@
+"""Model Registry work: register the served model, load a registered Keras model, and the
+champion gate that decides which version holds the `champion` alias.
+
+`champion_gate` is a pure function of accuracies; the functions around it read and move the
+alias and tag versions through the MLflow client.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
+from mlflow.tracking import MlflowClient
+
+import mnist_serving
+from mnist_mlops.errors import PipelineError
+from mnist_mlops.tracking import flatten, model_requirements, tracking_uri
+from mnist_serving.model import KERAS_ARTIFACT, REQUEST_FORMS, SIGNATURE, DigitClassifier
+
+CHAMPION_ALIAS = "champion"
+
+
+def log_serving_model(
+    model: keras.Model | Path, registered_model_name: str | None = None
+) -> ModelInfo:
+    """Log `DigitClassifier` around a Keras model (or a `.keras` file) as artifact `model`.
+
+    Logs into the active run, registering a new version of `registered_model_name` if given.
+    The `mnist_serving` package goes with the model as code, so a served version keeps the
+    validation it was logged with.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model, keras.Model):
+            path = Path(tmp) / "model.keras"
+            model.save(path)
+        else:
+            path = Path(model)
+        # input_example= crashes on mlflow 3.17 (mlflow#16183); the signature and the
+        # metadata document the input, so MLflow's warning about the missing example is noise.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=DigitClassifier(),
+                artifacts={KERAS_ARTIFACT: str(path)},
+                code_paths=[str(Path(mnist_serving.__file__).parent)],
+                signature=SIGNATURE,
+                metadata={"request_forms": REQUEST_FORMS},
+                pip_requirements=model_requirements(),
+                registered_model_name=registered_model_name,
+            )
+
+
+def load_keras_model(model_uri: str) -> keras.Model:
+    """The Keras model of a version logged by `log_serving_model` or by `mlflow.keras`.
+
+    For code that needs the Keras model itself (evaluation, export) whichever way a registered
+    version was logged; a serving version's model comes back uncompiled.
+    """
+    if "keras" in mlflow.models.get_model_info(model_uri).flavors:
+        return mlflow.keras.load_model(model_uri)
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+
+
+def check_registered(client: MlflowClient, registered: dict[str, Any], source: Path) -> None:
+    """Fail before any work when `source` (registered.json) names a version the store lacks."""
+    try:
+        client.get_model_version(registered["name"], registered["version"])
+    except MlflowException:
+        raise PipelineError(
+            f"{source} names {registered['name']} v{registered['version']}, which the MLflow "
+            f"store at {tracking_uri()} does not hold (a different or reset store?); "
+            "re-register with `dvc repro -f retrain`"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The model version that holds `champion`, with the test accuracy it was tagged with."""
+
+    version: str
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """`champion`: the version that holds the alias after the gate (None: no version does)."""
+
+    champion: str | None
+    promoted: bool
+    reason: str
+
+
+def champion_gate(
+    candidate: str,
+    candidate_accuracy: float,
+    baseline_accuracy: float,
+    min_accuracy: float,
+    current: Champion | None,
+) -> GateDecision:
+    """Decide who holds `champion` once version `candidate` has been evaluated.
+
+    The candidate earns the alias by reaching the gate and the baseline; a tie with either
+    counts as reaching it. Otherwise the current champion keeps the alias, unless the current
+    champion is this very version re-evaluated against a stricter gate: then it loses the alias
+    and no version holds it.
+    """
+    accuracy_text = f"test accuracy {candidate_accuracy:.4f}"
+    if candidate_accuracy < min_accuracy:
+        failure = (
+            f"{accuracy_text} is below the gate {min_accuracy:.4f} (evaluate.champion_min_accuracy)"
+        )
+    elif candidate_accuracy < baseline_accuracy:
+        failure = f"{accuracy_text} is below the baseline's {baseline_accuracy:.4f}"
+    else:
+        failure = None
+
+    if failure is None:
+        ties = [
+            name
+            for name, value in (("gate", min_accuracy), ("baseline", baseline_accuracy))
+            if candidate_accuracy == value
+        ]
+        reason = (
+            f"v{candidate} promoted to @{CHAMPION_ALIAS}: {accuracy_text} reaches the gate "
+            f"{min_accuracy:.4f} and the baseline's {baseline_accuracy:.4f}"
+        )
+        if ties:
+            reason += f" (ties the {' and the '.join(ties)}; a tie is enough)"
+        if current is None:
+            reason += f"; no version held @{CHAMPION_ALIAS} before"
+        elif current.version == candidate:
+            reason += f"; it already held @{CHAMPION_ALIAS}"
+        else:
+            reason += f"; it replaces v{current.version}{_accuracy_note(current)}"
+        return GateDecision(champion=candidate, promoted=True, reason=reason)
+
+    reason = f"v{candidate} not promoted: {failure}"
+    if current is None:
+        return GateDecision(None, False, f"{reason}; no version holds @{CHAMPION_ALIAS} yet")
+    if current.version == candidate:
+        return GateDecision(None, False, f"{reason}; it loses the @{CHAMPION_ALIAS} it held")
+    return GateDecision(
+        current.version,
+        False,
+        f"{reason}; v{current.version}{_accuracy_note(current)} keeps @{CHAMPION_ALIAS}",
+    )
+
+
+def _accuracy_note(champion: Champion) -> str:
+    return f" (test accuracy {champion.accuracy:.4f})" if champion.accuracy is not None else ""
+
+
+def current_champion(client: MlflowClient, name: str) -> Champion | None:
+    """The version of `name` that holds `champion` now, if any."""
+    version = client.get_registered_model(name).aliases.get(CHAMPION_ALIAS)
+    if version is None:
+        return None
+    accuracy = client.get_model_version(name, version).tags.get("test_accuracy")
+    return Champion(str(version), float(accuracy) if accuracy else None)
+
+
+def apply_champion_gate(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    accuracy: float,
+    baseline_accuracy: float,
+    min_accuracy: float,
+) -> GateDecision:
+    """Decide who holds `champion` after version `version` was evaluated, and move the alias."""
+    current = current_champion(client, name)
+    decision = champion_gate(version, accuracy, baseline_accuracy, min_accuracy, current)
+    holder = current.version if current else None
+    if decision.champion is None and holder is not None:
+        client.delete_registered_model_alias(name, CHAMPION_ALIAS)
+    elif decision.champion is not None and decision.champion != holder:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, decision.champion)
+    return decision
+
+
+def version_tags(
+    test_metrics: dict[str, float],
+    model_config: dict[str, Any],
+    prepare_params: dict[str, Any],
+    data_digests: dict[str, str],
+    commit: str,
+    decision: GateDecision,
+) -> dict[str, str]:
+    """What a registry version carries: test results, code, params and data it was made from.
+
+    `model_config` is the config.json saved with the model: the seed, retrain params and tuned
+    hyperparameters it was actually trained with.
+    """
+    tags = {
+        **{f"test_{k}": v for k, v in test_metrics.items()},
+        "git_commit": commit,
+        **{f"data_sha256.{split}": digest for split, digest in data_digests.items()},
+        **flatten(
+            "params",
+            {
+                "seed": model_config["seed"],
+                "prepare": prepare_params,
+                "retrain": model_config["fit"],
+            },
+        ),
+        **flatten("hparams", model_config["tuned_from"]["hyperparameters"]),
+        "champion_gate": decision.reason,
+    }
+    return {key: str(value) for key, value in tags.items()}
+
+
+def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)

@@ -21,8 +21,8 @@ def random_affine(
 ) -> np.ndarray:
     """Rotate (radians), shift (fraction of the side) and zoom each image by a random amount.
 
-    One projective transform per image does all three at once: about 2 ms for 128 images,
-    against ~60 ms for Keras's three separate RandomRotation/Translation/Zoom layers.
+    One projective transform per image does all three at once, an order of magnitude cheaper
+    than Keras's three separate RandomRotation/Translation/Zoom layers (docs/results.md).
     """
     n, height, width = images.shape[:3]
     theta = rng.uniform(-rotation, rotation, n)

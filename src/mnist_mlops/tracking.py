@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mnist_mlops.config import Params
 from mnist_mlops.paths import project_root
 
-# Requirements recorded with logged models; listing them avoids mlflow's ~10 s dependency probe.
+# Requirements recorded with logged models; listing them skips mlflow's slow dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
 
 

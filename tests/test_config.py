@@ -140,14 +140,18 @@ def test_an_exponent_without_a_dot_is_a_number(tmp_path: Path):
     ]
 
 
-SEED_RANGE = "must be from 0 to 4294967295 (2**32 - 1), the seeds numpy and scikit-learn accept"
+SEED_RANGE = (
+    "must be from 1 to 4294967295 (2**32 - 1): numpy and scikit-learn take seeds below 2**32, "
+    "and Keras Tuner takes 0 as no seed at all"
+)
 
 
 @pytest.mark.parametrize(
     ("seed", "problems"),
     [
-        (0, []),
+        (1, []),
         (2**32 - 1, []),
+        (0, [f"seed: {SEED_RANGE} (got 0)"]),
         (2**32, [f"seed: {SEED_RANGE} (got 4294967296)"]),
         (-1, [f"seed: {SEED_RANGE} (got -1)"]),
         ("42", ["seed: expected an integer, got '42' (a string)"]),

@@ -99,10 +99,13 @@ class Params(_Section):
     @field_validator("seed")
     @classmethod
     def _seed_in_range(cls, seed: int) -> int:
-        if not 0 <= seed <= SEED_MAX:
+        # 1, not 0: Keras Tuner's oracle takes a seed of 0 as "no seed" and draws a random one,
+        # so the search would not repeat.
+        if not 1 <= seed <= SEED_MAX:
             raise PydanticCustomError(
                 "seed_range",
-                "must be from 0 to {max} (2**32 - 1), the seeds numpy and scikit-learn accept",
+                "must be from 1 to {max} (2**32 - 1): numpy and scikit-learn take seeds below "
+                "2**32, and Keras Tuner takes 0 as no seed at all",
                 {"max": SEED_MAX},
             )
         return seed

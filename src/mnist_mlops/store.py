@@ -86,9 +86,7 @@ def check(uri: str) -> None:
     if urlparse(uri).scheme in ("http", "https"):
         _check_server(uri)
     elif database := sqlite_file(uri):
-        with _locked(uri, database):
-            _check_database(uri, database)
-            _open_with_mlflow(uri)
+        with _opened(uri, database):
             if moved_from := _foreign_homes(uri, database):
                 raise PipelineError(
                     f"{uri}: the store keeps its artifacts in {_path(moved_from[0])}/"
@@ -111,9 +109,7 @@ def relocate(uri: str) -> int:
         raise PipelineError(f"{uri}: only a sqlite store records folders to relocate")
     here = database.parent
     changed = 0
-    with _locked(uri, database):
-        _check_database(uri, database)
-        _open_with_mlflow(uri)
+    with _opened(uri, database):
         homes = _foreign_homes(uri, database)
         with closing(sqlite3.connect(database)) as connection, connection:
             for home in homes:
@@ -175,6 +171,15 @@ def _locked(uri: str, database: Path) -> Iterator[None]:
         ) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def _opened(uri: str, database: Path) -> Iterator[None]:
+    """Hold the store's lock, with the database checked and opened by MLflow."""
+    with _locked(uri, database):
+        _check_database(uri, database)
+        _open_with_mlflow(uri)
         yield
 
 

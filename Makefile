@@ -7,9 +7,12 @@ INSTALLED := $(VENV)/.installed
 # Stages call `python`, `dvc` and (when serving) `uvicorn` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test lint format clean-outputs
+.PHONY: run test lint format relocate-store clean-outputs
 
+# The store is checked first: `dvc repro` deletes a stage's outputs before running it, and a stage
+# that then finds the MLflow store unusable would leave them deleted (`dvc checkout` restores them).
 run: $(INSTALLED)
+	python -m mnist_mlops.store
 	dvc repro
 
 test: $(INSTALLED) lint
@@ -30,6 +33,11 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
+# After the project folder was moved or copied: point the local MLflow store's recorded artifact
+# locations at this folder's mlartifacts/ (stages refuse the store until then).
+relocate-store: $(INSTALLED)
+	python -m mnist_mlops.store --relocate
+
 # Removes pipeline outputs and the local MLflow store (not the venv).
 clean-outputs:
-	rm -rf data/prepared models tuning evaluation reports mlflow.db mlartifacts
+	rm -rf data/prepared models tuning evaluation reports mlflow.db mlflow.db.lock mlartifacts

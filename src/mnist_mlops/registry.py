@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 import mnist_serving
 from mnist_mlops.errors import PipelineError
-from mnist_mlops.tracking import flatten, model_requirements, tracking_uri
+from mnist_mlops.store import tracking_uri
+from mnist_mlops.tracking import flatten, model_requirements
 from mnist_serving.model import KERAS_ARTIFACT, REQUEST_FORMS, SIGNATURE, DigitClassifier
 
 CHAMPION_ALIAS = "champion"

@@ -25,6 +25,7 @@ from mlflow.entities import Metric
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from mnist_mlops import store
 from mnist_mlops.config import Params
 from mnist_mlops.paths import project_root
 
@@ -32,28 +33,20 @@ from mnist_mlops.paths import project_root
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else an absolute sqlite store at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
-
-
 def configure() -> None:
-    mlflow.set_tracking_uri(tracking_uri())
+    """Use the store at `store.tracking_uri()` once `store.check` has found it usable."""
+    uri = store.tracking_uri()
+    store.check(uri)
+    mlflow.set_tracking_uri(uri)
 
 
 def experiment(name: str) -> str:
-    """The id of experiment `name`, created on first use.
-
-    With a sqlite store, artifacts go to `mlartifacts/` beside the database rather than to
-    MLflow's default `./mlartifacts` under whatever directory the stage happens to run in.
-    """
+    """The id of experiment `name`, created on first use, with its artifacts where
+    `store.artifact_location` puts them."""
     client = MlflowClient()
     if existing := client.get_experiment_by_name(name):
         return existing.experiment_id
-    uri = tracking_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    location = store.artifact_location(store.tracking_uri())
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -138,7 +131,7 @@ def stage_run(
         for section in sections:
             logged |= flatten(section, params.section(section))
         mlflow.log_params(logged)
-        logging.getLogger(stage).info("MLflow run %s in %s", run.info.run_id, tracking_uri())
+        logging.getLogger(stage).info("MLflow run %s in %s", run.info.run_id, store.tracking_uri())
         yield run
 
 

@@ -4,10 +4,14 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# A venv holds its own absolute path (script shebangs, the editable install). One that came along
+# when the project folder was moved or copied would run, or fail to find, the old folder's code:
+# the stamp records where it was built, and a venv found elsewhere is rebuilt.
+VENV_MOVED := $(filter-out $(abspath $(VENV)),$(file < $(INSTALLED)))
 # Stages call `python`, `dvc` and (when serving) `uvicorn` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test lint format relocate-store clean-outputs
+.PHONY: run test lint format relocate-store clean-outputs FORCE
 
 # The store is checked first: `dvc repro` deletes a stage's outputs before running it, and a stage
 # that then finds the MLflow store unusable would leave them deleted (`dvc checkout` restores them).
@@ -26,17 +30,20 @@ format: $(INSTALLED)
 	ruff check --fix src tests benchmarks
 	ruff format src tests benchmarks
 
-$(INSTALLED): requirements.txt pyproject.toml
+$(INSTALLED): requirements.txt pyproject.toml $(if $(VENV_MOVED),FORCE)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	$(if $(VENV_MOVED),@echo "$(VENV) was built in $(VENV_MOVED): rebuilding it here"; rm -rf $(VENV))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
-	touch $@
+	echo $(abspath $(VENV)) > $@
 
 # After the project folder was moved or copied: point the local MLflow store's recorded artifact
 # locations at this folder's mlartifacts/ (stages refuse the store until then).
 relocate-store: $(INSTALLED)
 	python -m mnist_mlops.store --relocate
+
+FORCE:
 
 # Removes pipeline outputs and the local MLflow store (not the venv).
 clean-outputs:

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import os
 import random
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -387,3 +388,19 @@ def test_make_run_checks_the_store_before_dvc_repro():
         check=True,
     ).stdout.splitlines()
     assert planned.index("python -m mnist_mlops.store") < planned.index("dvc repro")
+
+
+@pytest.mark.parametrize("built_in", ["elsewhere", "here"])
+def test_a_venv_moved_with_the_project_is_rebuilt(tmp_path, built_in):
+    """A venv runs the code of the folder it was built in: after `mv`/`cp -r` make rebuilds it."""
+    for name in ("Makefile", "requirements.txt", "pyproject.toml"):
+        shutil.copy2(REPO_ROOT / name, tmp_path / name)
+        os.utime(tmp_path / name, (0, 0))  # older than the stamp: only a move triggers a build
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    home = "/elsewhere/.venv" if built_in == "elsewhere" else str(venv)
+    (venv / ".installed").write_text(home + "\n")
+    planned = subprocess.run(
+        ["make", "-n", "lint"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert ("rm -rf .venv" in planned) is (built_in == "elsewhere")

@@ -1,5 +1,6 @@
-# Two commands: `make run` (the whole pipeline) and `make test` (lint + test suite).
-# Both create .venv from the pinned requirements first, once.
+# Three commands: `make run` (the whole pipeline), `make test` (lint + test suite) and
+# `make demo` (draw a digit for the registered champion, in the browser).
+# All create .venv from the pinned requirements first, once.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,13 +8,17 @@ INSTALLED := $(VENV)/.installed
 # Stages call `python`, `dvc` and (when serving) `uvicorn` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test lint format clean-outputs
+.PHONY: run test demo lint format clean-outputs
 
 run: $(INSTALLED)
 	dvc repro
 
 test: $(INSTALLED) lint
 	pytest
+
+# Options after DEMO_ARGS=, e.g. DEMO_ARGS="--port 8080" (python -m mnist_mlops.demo --help).
+demo: $(INSTALLED)
+	python -m mnist_mlops.demo $(DEMO_ARGS)
 
 lint: $(INSTALLED)
 	ruff check src tests benchmarks

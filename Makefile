@@ -1,5 +1,6 @@
-# Two commands: `make run` (the whole pipeline) and `make test` (lint + test suite).
-# Both create .venv from the pinned requirements first, once.
+# Three commands: `make run` (the whole pipeline), `make test` (lint + test suite) and
+# `make demo` (draw a digit for the registered champion, in the browser).
+# All create .venv from the pinned requirements first, once.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ VENV_MOVED := $(filter-out $(abspath $(VENV)),$(file < $(INSTALLED)))
 # Stages call `python`, `dvc` and (when serving) `uvicorn` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test lint format relocate-store clean-outputs FORCE
+.PHONY: run test demo lint format relocate-store clean-outputs FORCE
 
 # The store is checked first: `dvc repro` deletes a stage's outputs before running it, and a stage
 # that then finds the MLflow store unusable would leave them deleted (`dvc checkout` restores them).
@@ -21,6 +22,10 @@ run: $(INSTALLED)
 
 test: $(INSTALLED) lint
 	pytest
+
+# Options after DEMO_ARGS=, e.g. DEMO_ARGS="--port 8080" (python -m mnist_mlops.demo --help).
+demo: $(INSTALLED)
+	python -m mnist_mlops.demo $(DEMO_ARGS)
 
 lint: $(INSTALLED)
 	ruff check src tests benchmarks

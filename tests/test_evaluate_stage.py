@@ -33,7 +33,10 @@ def pipeline_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_sto
     gate whatever its random weights.
     """
     monkeypatch.chdir(tmp_path)
-    overrides = {"evaluate": {"latency_images": 5, "gallery_size": 8}}
+    # A MNIST-C gate any model passes: switched on, to see it in the decision.
+    overrides = {
+        "evaluate": {"latency_images": 5, "gallery_size": 8, "champion_min_mnistc_accuracy": 0.01}
+    }
     Path("params.yaml").write_text(yaml.safe_dump(merged_params(overrides)))
     rng = np.random.default_rng(0)
     images = (rng.random((300, 28, 28)) > 0.8).astype(np.uint8) * 255
@@ -112,6 +115,11 @@ def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, caplog):
     assert float(tags["test_accuracy"]) == 1.0 and tags["git_commit"] == "abc123"
     assert tags["data_sha256.test"] == "c" and tags["hparams.family"] == "mlp"
     assert tags["params.retrain.epochs"] == "1" and "promoted" in tags["champion_gate"]
+    mnistc_mean = metrics["tuned_mnistc_mean_accuracy"]
+    assert (
+        f"mean MNIST-C accuracy {mnistc_mean:.4f} reaches the MNIST-C gate 0.0100"
+        in (tags["champion_gate"])
+    )
 
     run = client.search_runs(
         [client.get_experiment_by_name(merged_params()["mlflow"]["experiment"]).experiment_id],
@@ -156,7 +164,9 @@ def test_a_broken_mnistc_dir_stops_evaluate_with_one_line(pipeline_outputs, monk
 
 def test_no_champion_means_no_export_and_says_why(mlflow_store, ci_params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    decision = registry.champion_gate("1", 0.4, 0.3, 0.5, current=None)
+    decision = registry.champion_gate(
+        "1", 0.4, 0.3, 0.5, current=None, mnistc_accuracy=0.2, min_mnistc_accuracy=0.0
+    )
     registered = {"name": NAME, "version": "1"}
     with mlflow.start_run():
         summary = export.export_champion(

@@ -77,6 +77,7 @@ class RetrainParams(_Section):
 
 class EvaluateParams(_Section):
     champion_min_accuracy: float = Field(ge=0, le=1)
+    champion_min_mnistc_accuracy: float = Field(ge=0, le=1)
     calibration_bins: int = Field(ge=2)
     gallery_size: PositiveInt
     quantization: Literal["int8", "float16"]

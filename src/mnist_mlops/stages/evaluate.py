@@ -86,6 +86,8 @@ def run(
         tuned.scores["accuracy"],
         baseline.scores["accuracy"],
         params.champion_min_accuracy,
+        mnistc_accuracy=tuned.mnistc_mean,
+        min_mnistc_accuracy=params.champion_min_mnistc_accuracy,
     )
     commit = client.get_run(registered["run_id"]).data.tags.get("git_commit", "unknown")
     test_metrics = {

@@ -107,6 +107,7 @@ def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, caplog):
     assert "the tuned model has no convolutional layer" in report
     assert "corrupted sets: generated from the test set with seed 42" in report
     assert "| worst corruption |" in report
+    assert "| mnistc_mean_accuracy |" in report and "| mnistc_fog_accuracy |" not in report
 
     client = MlflowClient()
     version = client.get_model_version_by_alias(NAME, "champion")

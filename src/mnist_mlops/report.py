@@ -228,7 +228,11 @@ def evaluation_report(
     )
     report.text(" · ".join(f"{k}: `{v}`" for k, v in run_info.items()))
     report.heading("Test-set summary")
+    # The accuracy per MNIST-C corruption has a table of its own (Robustness); the mean and the
+    # worst stay here.
+    per_corruption = {f"mnistc_{name}_accuracy" for name in analyses[0].mnistc}
     keys = [key.removeprefix(f"{names[0]}_") for key in analyses[0].metrics()]
+    keys = [key for key in keys if key not in per_corruption]
     report.table(
         [
             {"metric": key, **{a.name: a.metrics()[f"{a.name}_{key}"] for a in analyses}}

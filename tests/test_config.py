@@ -117,7 +117,7 @@ def test_values_of_the_wrong_type_are_refused_not_converted(
         ("tune", "max_conv_mmacs", 8),
         ("tune", "max_conv_mmacs", None),
         ("prepare", "train_subset", None),
-        ("evaluate", "rotation_degrees", 15),
+        ("evaluate", "champion_min_mnistc_accuracy", 0),
     ],
 )
 def test_integers_count_as_numbers_and_null_stays_valid_where_allowed(

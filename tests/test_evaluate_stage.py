@@ -15,9 +15,10 @@ from mlflow.tracking import MlflowClient
 from support import merged_params
 
 from mnist_mlops import export, registry
-from mnist_mlops.data import save_split, to_model_input
+from mnist_mlops.data import load_split, save_split, to_model_input
 from mnist_mlops.files import write_json
 from mnist_mlops.models import build_model
+from mnist_mlops.robustness import BENCHMARK
 from mnist_mlops.stages import evaluate
 from mnist_mlops.training import save_model
 
@@ -32,7 +33,10 @@ def pipeline_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_sto
     gate whatever its random weights.
     """
     monkeypatch.chdir(tmp_path)
-    overrides = {"evaluate": {"latency_images": 5, "gallery_size": 8}}
+    # A MNIST-C gate any model passes: switched on, to see it in the decision.
+    overrides = {
+        "evaluate": {"latency_images": 5, "gallery_size": 8, "champion_min_mnistc_accuracy": 0.01}
+    }
     Path("params.yaml").write_text(yaml.safe_dump(merged_params(overrides)))
     rng = np.random.default_rng(0)
     images = (rng.random((300, 28, 28)) > 0.8).astype(np.uint8) * 255
@@ -78,8 +82,11 @@ def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, caplog):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tuned_test_accuracy"] == 1.0 and metrics["tuned_promoted"] is True
     assert 0 <= metrics["baseline_test_ece"] <= 1
-    for kind in ("rotation", "shift", "noise", "blur"):
-        assert 0 <= metrics[f"tuned_robustness_{kind}_accuracy"] <= 1
+    for model in ("baseline", "tuned"):
+        accuracies = [metrics[f"{model}_mnistc_{name}_accuracy"] for name in BENCHMARK]
+        assert all(0 <= accuracy <= 1 for accuracy in accuracies)
+        assert metrics[f"{model}_mnistc_mean_accuracy"] == pytest.approx(np.mean(accuracies))
+        assert metrics[f"{model}_mnistc_worst_accuracy"] == min(accuracies)
     exported = json.loads((out / "export.json").read_text())
     assert exported["exported"] and exported["version"] == registered["version"]
     assert (out / "export" / exported["file"]).stat().st_size == exported["tflite_bytes"]
@@ -87,15 +94,20 @@ def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, caplog):
 
     figures = {p.name for p in (out / "figures").iterdir()}
     assert "baseline_feature_maps.png" in figures and "tuned_feature_maps.png" not in figures
-    assert {"reliability_diagram.png", "robustness.png", "tuned_misclassified.png"} <= figures
+    assert {"reliability_diagram.png", "mnistc_accuracy.png", "mnistc_gallery.png"} <= figures
     confusion = json.loads((out / "plots" / "confusion_tuned.json").read_text())
     assert len(confusion) == 300 and set(confusion[0]) == {"actual", "predicted"}
+    mnistc_plot = json.loads((out / "plots" / "mnistc_tuned.json").read_text())
+    assert [row["test_set"] for row in mnistc_plot] == ["clean", *BENCHMARK]
 
     report = Path("reports/evaluate/report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(links) == len(figures)
     assert all((Path("reports/evaluate") / link).is_file() for link in links)
     assert "the tuned model has no convolutional layer" in report
+    assert "corrupted sets: generated from the test set with seed 42" in report
+    assert "| worst corruption |" in report
+    assert "| mnistc_mean_accuracy |" in report and "| mnistc_fog_accuracy |" not in report
 
     client = MlflowClient()
     version = client.get_model_version_by_alias(NAME, "champion")
@@ -104,12 +116,20 @@ def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, caplog):
     assert float(tags["test_accuracy"]) == 1.0 and tags["git_commit"] == "abc123"
     assert tags["data_sha256.test"] == "c" and tags["hparams.family"] == "mlp"
     assert tags["params.retrain.epochs"] == "1" and "promoted" in tags["champion_gate"]
+    mnistc_mean = metrics["tuned_mnistc_mean_accuracy"]
+    assert (
+        f"mean MNIST-C accuracy {mnistc_mean:.4f} reaches the MNIST-C gate 0.0100"
+        in (tags["champion_gate"])
+    )
 
     run = client.search_runs(
         [client.get_experiment_by_name(merged_params()["mlflow"]["experiment"]).experiment_id],
         "tags.stage = 'evaluate'",
     )[0]
     assert run.data.metrics["tuned_test_accuracy"] == 1.0
+    assert run.data.metrics["tuned_mnistc_mean_accuracy"] == metrics["tuned_mnistc_mean_accuracy"]
+    assert run.data.tags["mnistc_source"] == "generated from the test set with seed 42"
+    assert float(tags["test_mnistc_mean_accuracy"]) == metrics["tuned_mnistc_mean_accuracy"]
     assert run.data.metrics["export_tflite_accuracy"] == exported["tflite_accuracy"]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert logged == {f"figures/{name}" for name in figures}
@@ -118,9 +138,36 @@ def test_evaluate_stage_writes_logs_and_promotes(pipeline_outputs, caplog):
     assert "promoted to @champion" in caplog.text
 
 
+def write_published_mnistc(directory: Path, broken: str) -> None:
+    """MNIST-C's released layout for the 15 corruptions, each holding the clean test digits;
+    `broken` gets no images file."""
+    images, labels = load_split(Path("data/prepared/test.npz"))
+    for name in BENCHMARK:
+        (directory / name).mkdir(parents=True)
+        np.save(directory / name / "test_labels.npy", labels.astype(np.int64))
+        if name != broken:
+            np.save(directory / name / "test_images.npy", images[..., None])
+
+
+def test_a_broken_mnistc_dir_stops_evaluate_with_one_line(pipeline_outputs, monkeypatch, caplog):
+    write_published_mnistc(Path("published"), broken="zigzag")
+    monkeypatch.setenv("MNISTC_DIR", "published")
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main()
+    assert stopped.value.code == 1
+    missing = Path.cwd() / "published" / "zigzag" / "test_images.npy"
+    assert caplog.records[-1].getMessage() == (
+        f"MNISTC_DIR: {missing}: not found (expected the published layout "
+        "<dir>/<corruption>/test_images.npy and test_labels.npy)"
+    )
+    assert not Path("evaluation/metrics.json").exists()
+
+
 def test_no_champion_means_no_export_and_says_why(mlflow_store, ci_params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    decision = registry.champion_gate("1", 0.4, 0.3, 0.5, current=None)
+    decision = registry.champion_gate(
+        "1", 0.4, 0.3, 0.5, current=None, mnistc_accuracy=0.2, min_mnistc_accuracy=0.0
+    )
     registered = {"name": NAME, "version": "1"}
     with mlflow.start_run():
         summary = export.export_champion(

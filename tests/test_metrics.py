@@ -81,3 +81,30 @@ def test_misclassified_puts_the_most_confident_mistakes_first():
 def test_first_of_each_digit():
     labels = np.array([3, 1, 3, 0, 1, 2])
     np.testing.assert_array_equal(metrics.first_of_each_digit(labels), [3, 1, 5, 0])
+
+
+def test_mnistc_accuracy_per_corruption_its_mean_and_the_worst():
+    y_true = np.array([0, 1, 2, 3])
+    confident = [0.9] * 4
+    analysis = metrics.analyse(
+        "tuned",
+        y_true,
+        probs([0, 1, 2, 3], confident),
+        {
+            "fog": probs([1, 1, 2, 3], confident),
+            "stripe": probs([1, 0, 3, 3], confident),
+            "zigzag": probs([1, 0, 3, 2], confident),
+        },
+        gallery_size=4,
+        calibration_bins=5,
+        top_pairs=3,
+    )
+    found = analysis.metrics()
+    assert found["tuned_test_accuracy"] == 1.0
+    assert [found[f"tuned_mnistc_{name}_accuracy"] for name in ("fog", "stripe", "zigzag")] == [
+        0.75,
+        0.25,
+        0.0,
+    ]
+    assert found["tuned_mnistc_mean_accuracy"] == pytest.approx(1 / 3)
+    assert found["tuned_mnistc_worst_accuracy"] == 0.0 and analysis.mnistc_worst == "zigzag"

@@ -75,24 +75,27 @@ def test_reliability_diagram_lines_and_legend():
     np.testing.assert_allclose(counts.get_lines()[0].get_ydata(), [2, 3])
 
 
-def test_robustness_bars_heights():
+def test_robustness_bars_lengths_one_row_per_test_set_first_on_top():
     accuracies = {
-        "baseline": {"clean": 0.99, "noise": 0.8},
-        "tuned": {"clean": 0.995, "noise": 0.9},
+        "baseline": {"clean": 0.99, "fog": 0.8},
+        "tuned": {"clean": 0.995, "fog": 0.9},
     }
     ax = plots.robustness_bars(accuracies).axes[0]
-    heights = [patch.get_height() for patch in ax.patches]
-    assert heights == pytest.approx([0.99, 0.8, 0.995, 0.9])
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "noise"]
-    assert ax.get_ylabel() == "accuracy"
+    widths = [patch.get_width() for patch in ax.patches]
+    assert widths == pytest.approx([0.99, 0.8, 0.995, 0.9])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["clean", "fog"]
+    assert ax.yaxis_inverted() and ax.get_xlabel() == "accuracy"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline", "tuned"]
 
 
-def test_image_rows_one_row_per_entry():
-    rows = {"clean": np.zeros((4, 28, 28)), "blur": np.ones((4, 28, 28))}
-    fig = plots.image_rows(rows, "corruptions")
+def test_image_rows_one_row_per_entry_on_one_grey_scale():
+    rows = {"digit 0": np.zeros((4, 28, 28)), "digit 1": np.ones((4, 28, 28))}
+    fig = plots.image_rows(rows, "corruptions", column_titles=["clean", "fog", "stripe", "zigzag"])
     assert len(fig.axes) == 8 and len(image_axes(fig)) == 8
-    assert [fig.axes[0].get_ylabel(), fig.axes[4].get_ylabel()] == ["clean", "blur"]
+    assert [fig.axes[0].get_ylabel(), fig.axes[4].get_ylabel()] == ["digit 0", "digit 1"]
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["clean", "fog", "stripe", "zigzag"]
+    assert fig.axes[4].get_title() == ""
+    assert fig.axes[4].images[0].get_clim() == (0, 255)  # not stretched to the image's range
 
 
 def test_feature_maps_grid():

@@ -77,11 +77,8 @@ class RetrainParams(_Section):
 
 class EvaluateParams(_Section):
     champion_min_accuracy: float = Field(ge=0, le=1)
+    champion_min_mnistc_accuracy: float = Field(ge=0, le=1)
     calibration_bins: int = Field(ge=2)
-    rotation_degrees: float = Field(gt=0, le=180)
-    shift_pixels: int = Field(ge=1, le=14)
-    noise_std: float = Field(gt=0)
-    blur_radius: float = Field(gt=0)
     gallery_size: PositiveInt
     quantization: Literal["int8", "float16"]
     latency_images: PositiveInt

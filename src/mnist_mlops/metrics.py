@@ -161,18 +161,26 @@ class ModelAnalysis:
     pairs: list[dict[str, Any]]
     mistakes: list[dict[str, Any]]
     calibration: Calibration
-    robustness: dict[str, float]  # test-set condition ("clean", "rotation", ..) -> accuracy
+    mnistc: dict[str, float]  # MNIST-C corruption -> accuracy on the test set so corrupted
+
+    @property
+    def mnistc_mean(self) -> float:
+        """Mean accuracy over the corruptions (MNIST-C's headline number, as accuracy)."""
+        return float(np.mean(list(self.mnistc.values())))
+
+    @property
+    def mnistc_worst(self) -> str:
+        """The corruption with the lowest accuracy (the first of a tie, in MNIST-C's order)."""
+        return min(self.mnistc, key=self.mnistc.__getitem__)
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names, the same in metrics.json and MLflow."""
         return {
             **{f"{self.name}_test_{k}": v for k, v in self.scores.items()},
             f"{self.name}_test_ece": self.calibration.ece,
-            **{
-                f"{self.name}_robustness_{condition}_accuracy": value
-                for condition, value in self.robustness.items()
-                if condition != "clean"
-            },
+            **{f"{self.name}_mnistc_{c}_accuracy": value for c, value in self.mnistc.items()},
+            f"{self.name}_mnistc_mean_accuracy": self.mnistc_mean,
+            f"{self.name}_mnistc_worst_accuracy": self.mnistc[self.mnistc_worst],
         }
 
 
@@ -187,7 +195,7 @@ def analyse(
     top_pairs: int,
 ) -> ModelAnalysis:
     """Everything evaluate reports about one model, from its predicted probabilities on the test
-    set and on each corrupted copy of it."""
+    set and on each (one or more) corrupted copy of it."""
     y_pred = probabilities.argmax(axis=1)
     matrix = confusion(labels, y_pred)
     return ModelAnalysis(
@@ -199,6 +207,5 @@ def analyse(
         pairs=confused_pairs(matrix, top_pairs),
         mistakes=misclassified(labels, probabilities, gallery_size),
         calibration=calibration(labels, probabilities, calibration_bins),
-        robustness={"clean": accuracy(labels, probabilities)}
-        | {kind: accuracy(labels, p) for kind, p in corrupted_probabilities.items()},
+        mnistc={name: accuracy(labels, p) for name, p in corrupted_probabilities.items()},
     )

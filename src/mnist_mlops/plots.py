@@ -184,39 +184,47 @@ def reliability_diagram(calibrations: Mapping[str, Calibration]) -> Figure:
 
 
 def robustness_bars(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
-    """Accuracy of each model (one bar colour each) on each test-set condition (groups)."""
+    """Accuracy of each model (one bar colour each) on each test set (one group of bars per
+    row, top to bottom in the given order)."""
     conditions = list(next(iter(accuracies.values())))
-    width = 0.8 / len(accuracies)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    height = 0.8 / len(accuracies)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(conditions) * len(accuracies) + 1.5))
     for i, (name, by_condition) in enumerate(accuracies.items()):
-        positions = np.arange(len(conditions)) + (i - (len(accuracies) - 1) / 2) * width
-        bars = ax.bar(positions, [by_condition[c] for c in conditions], width, label=name)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(range(len(conditions)), conditions)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("test set")
-    ax.set_ylabel("accuracy")
+        positions = np.arange(len(conditions)) + (i - (len(accuracies) - 1) / 2) * height
+        bars = ax.barh(positions, [by_condition[c] for c in conditions], height, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    ax.set_yticks(range(len(conditions)), conditions)
+    ax.invert_yaxis()  # the first test set on top
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("accuracy")
+    ax.set_ylabel("test set")
     ax.set_title("Robustness: accuracy on corrupted copies of the test set")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     return fig
 
 
-def image_rows(rows: Mapping[str, np.ndarray], title: str) -> Figure:
-    """One row of images per entry (e.g. the same digits clean and under each corruption)."""
+def image_rows(
+    rows: Mapping[str, np.ndarray], title: str, column_titles: Sequence[str] = ()
+) -> Figure:
+    """One row of uint8 images per entry (e.g. one digit clean and under each corruption), with
+    optional titles over the columns. Every image spans the same 0..255 grey scale, so a
+    brighter background shows as one."""
     columns = max(len(images) for images in rows.values())
     fig, axes = plt.subplots(
         len(rows), columns, figsize=(1.1 * columns + 1, 1.2 * len(rows) + 0.5), squeeze=False
     )
     for ax_row, (name, images) in zip(axes, rows.items(), strict=True):
         for ax, image in zip(ax_row, images, strict=False):
-            ax.imshow(image, cmap="gray_r")
+            ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.spines[:].set_visible(False)
         ax_row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    for ax, column_title in zip(axes[0], column_titles, strict=False):
+        ax.set_title(column_title, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -105,34 +105,56 @@ def champion_gate(
     baseline_accuracy: float,
     min_accuracy: float,
     current: Champion | None,
+    *,
+    mnistc_accuracy: float,
+    min_mnistc_accuracy: float,
 ) -> GateDecision:
     """Decide who holds `champion` once version `candidate` has been evaluated.
 
-    The candidate earns the alias by reaching the gate and the baseline; a tie with either
-    counts as reaching it. Otherwise the current champion keeps the alias, unless the current
-    champion is this very version re-evaluated against a stricter gate: then it loses the alias
-    and no version holds it.
+    The candidate earns the alias by reaching the gate and the baseline on the test set and,
+    when `min_mnistc_accuracy` is above 0, that mean accuracy over the MNIST-C corruptions; a
+    tie counts as reaching it. Otherwise the current champion keeps the alias, unless the
+    current champion is this very version re-evaluated against a stricter gate: then it loses
+    the alias and no version holds it.
     """
     accuracy_text = f"test accuracy {candidate_accuracy:.4f}"
-    if candidate_accuracy < min_accuracy:
-        failure = (
-            f"{accuracy_text} is below the gate {min_accuracy:.4f} (evaluate.champion_min_accuracy)"
+    mnistc_text = f"mean MNIST-C accuracy {mnistc_accuracy:.4f}"
+    # (what is compared, its value, the bar, why the candidate fails below it)
+    checks = [
+        (
+            "gate",
+            candidate_accuracy,
+            min_accuracy,
+            f"{accuracy_text} is below the gate {min_accuracy:.4f} "
+            "(evaluate.champion_min_accuracy)",
+        ),
+        (
+            "baseline",
+            candidate_accuracy,
+            baseline_accuracy,
+            f"{accuracy_text} is below the baseline's {baseline_accuracy:.4f}",
+        ),
+    ]
+    if min_mnistc_accuracy > 0:  # 0: the robustness gate is off
+        checks.append(
+            (
+                "MNIST-C gate",
+                mnistc_accuracy,
+                min_mnistc_accuracy,
+                f"{mnistc_text} is below the gate {min_mnistc_accuracy:.4f} "
+                "(evaluate.champion_min_mnistc_accuracy)",
+            )
         )
-    elif candidate_accuracy < baseline_accuracy:
-        failure = f"{accuracy_text} is below the baseline's {baseline_accuracy:.4f}"
-    else:
-        failure = None
+    failure = next((why for _, value, bar, why in checks if value < bar), None)
 
     if failure is None:
-        ties = [
-            name
-            for name, value in (("gate", min_accuracy), ("baseline", baseline_accuracy))
-            if candidate_accuracy == value
-        ]
+        ties = [name for name, value, bar, _ in checks if value == bar]
         reason = (
             f"v{candidate} promoted to @{CHAMPION_ALIAS}: {accuracy_text} reaches the gate "
             f"{min_accuracy:.4f} and the baseline's {baseline_accuracy:.4f}"
         )
+        if min_mnistc_accuracy > 0:
+            reason += f", and its {mnistc_text} reaches the MNIST-C gate {min_mnistc_accuracy:.4f}"
         if ties:
             reason += f" (ties the {' and the '.join(ties)}; a tie is enough)"
         if current is None:
@@ -175,10 +197,21 @@ def apply_champion_gate(
     accuracy: float,
     baseline_accuracy: float,
     min_accuracy: float,
+    *,
+    mnistc_accuracy: float,
+    min_mnistc_accuracy: float,
 ) -> GateDecision:
     """Decide who holds `champion` after version `version` was evaluated, and move the alias."""
     current = current_champion(client, name)
-    decision = champion_gate(version, accuracy, baseline_accuracy, min_accuracy, current)
+    decision = champion_gate(
+        version,
+        accuracy,
+        baseline_accuracy,
+        min_accuracy,
+        current,
+        mnistc_accuracy=mnistc_accuracy,
+        min_mnistc_accuracy=min_mnistc_accuracy,
+    )
     holder = current.version if current else None
     if decision.champion is None and holder is not None:
         client.delete_registered_model_alias(name, CHAMPION_ALIAS)

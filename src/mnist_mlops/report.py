@@ -105,6 +105,7 @@ class Figures:
 
 
 SAMPLE_DIGITS = 32  # the first test digits, shown with their predictions
+GALLERY_DIGITS = 4  # the first test digit of classes 0-3, shown under every corruption
 
 
 def draw_model_figures(
@@ -173,30 +174,41 @@ def draw_model_figures(
 
 def draw_comparison(
     analyses: Sequence[ModelAnalysis],
-    test_images: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray],
     corrupted: Mapping[str, np.ndarray],
-    picks: np.ndarray,
     figures: Figures,
 ) -> None:
-    """The figures that put the models side by side."""
+    """The figures that put the models side by side, and what the corrupted test sets look like
+    (`corrupted`: name -> the test images so corrupted)."""
     figures.add(
         plots.reliability_diagram({a.name: a.calibration for a in analyses}),
         "reliability_diagram",
         "Reliability diagram: accuracy against confidence (below the diagonal: overconfident)",
     )
     figures.add(
-        plots.robustness_bars({a.name: a.robustness for a in analyses}),
-        "robustness",
-        "Accuracy on the clean test set and on its deterministic corrupted copies",
+        plots.robustness_bars({a.name: robustness_rows(a) for a in analyses}),
+        "mnistc_accuracy",
+        "Accuracy on the clean test set and on each MNIST-C corruption of it",
     )
+    images, labels = test
+    columns = {"clean": images, **corrupted}
     figures.add(
         plots.image_rows(
-            {"clean": test_images[picks], **{k: v[picks] for k, v in corrupted.items()}},
-            "The corrupted test sets: one digit of each class",
+            {
+                f"digit {labels[i]}": np.stack([column[i] for column in columns.values()])
+                for i in first_of_each_digit(labels)[:GALLERY_DIGITS]
+            },
+            "MNIST-C: the same test digits under each corruption",
+            column_titles=list(columns),
         ),
-        "corruption_examples",
-        "What each corruption does to the same digits",
+        "mnistc_gallery",
+        "What each MNIST-C corruption does to the same digits (one column per corruption)",
     )
+
+
+def robustness_rows(analysis: ModelAnalysis) -> dict[str, float]:
+    """Accuracy per test set: the clean one first, then each corruption (plot and table rows)."""
+    return {"clean": analysis.scores["accuracy"], **analysis.mnistc}
 
 
 def evaluation_report(
@@ -205,16 +217,22 @@ def evaluation_report(
     exported: Mapping[str, Any],
     registered: Mapping[str, Any],
     run_info: Mapping[str, str],
+    mnistc_source: str,
     figures: Figures,
 ) -> Report:
-    """The page a person reads after a run: the numbers first, then every figure."""
+    """The page a person reads after a run: the numbers first, then every figure.
+    `mnistc_source` says where the corrupted test sets came from."""
     names = [a.name for a in analyses]
     report = Report(
         f"Evaluation: {registered['name']} v{registered['version']} against the baseline"
     )
     report.text(" · ".join(f"{k}: `{v}`" for k, v in run_info.items()))
     report.heading("Test-set summary")
+    # The accuracy per MNIST-C corruption has a table of its own (Robustness); the mean and the
+    # worst stay here.
+    per_corruption = {f"mnistc_{name}_accuracy" for name in analyses[0].mnistc}
     keys = [key.removeprefix(f"{names[0]}_") for key in analyses[0].metrics()]
+    keys = [key for key in keys if key not in per_corruption]
     report.table(
         [
             {"metric": key, **{a.name: a.metrics()[f"{a.name}_{key}"] for a in analyses}}
@@ -276,15 +294,27 @@ def evaluation_report(
     report.heading("Calibration")
     report.text(", ".join(f"{a.name} ECE {a.calibration.ece:.4f}" for a in analyses) + ".")
     figures.link(report, "reliability_diagram")
-    report.heading("Robustness")
+    report.heading("Robustness: MNIST-C")
+    report.text(
+        f"Accuracy on the {len(analyses[0].mnistc)} corruptions of the MNIST-C benchmark "
+        f"(Mu & Gilmer 2019) applied to the test set; corrupted sets: {mnistc_source}."
+    )
+    rows = {a.name: robustness_rows(a) for a in analyses}
     report.table(
         [
-            {"test set": condition, **{a.name: a.robustness[condition] for a in analyses}}
-            for condition in analyses[0].robustness
+            {"test set": test_set, **{n: r[test_set] for n, r in rows.items()}}
+            for test_set in rows[names[0]]
+        ]
+        + [
+            {"test set": "mean over the corruptions", **{a.name: a.mnistc_mean for a in analyses}},
+            {
+                "test set": "worst corruption",
+                **{a.name: f"{a.mnistc[a.mnistc_worst]:.4g} ({a.mnistc_worst})" for a in analyses},
+            },
         ]
     )
-    figures.link(report, "robustness")
-    figures.link(report, "corruption_examples")
+    figures.link(report, "mnistc_accuracy")
+    figures.link(report, "mnistc_gallery")
     report.heading("Feature maps")
     for name in names:
         if f"{name}_feature_maps" in figures.captions:

@@ -1,9 +1,11 @@
 """evaluate: the first and only look at the test set, for the baseline and the tuned model.
 
 Reads: data/prepared/{test,val}.npz and summary.json, models/{baseline,tuned}/model.keras and
-history.json, models/tuned/{config,registered}.json.
+history.json, models/tuned/{config,registered}.json; with $MNISTC_DIR set, the published
+MNIST-C test sets there (`<dir>/<corruption>/test_images.npy`, `test_labels.npy`) instead of
+generating them (DVC does not track that folder: `dvc repro -f evaluate` after changing it).
 Writes, and logs to the stage's MLflow run:
-  evaluation/metrics.json   dvc metrics: test scores, calibration, robustness, the gate
+  evaluation/metrics.json   dvc metrics: test scores, calibration, MNIST-C accuracy, the gate
   evaluation/export.json    dvc metrics: the quantised export against Keras (kept apart: its
                             latencies vary from run to run, and metrics.json must not)
   evaluation/plots/         data of the `dvc plots` defined at the end of dvc.yaml
@@ -17,6 +19,7 @@ Moves the registry alias `champion` to the tuned model version when it earns it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +36,7 @@ from mnist_mlops.config import EvaluateParams, PrepareParams, load_params
 from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.files import read_json, write_json
-from mnist_mlops.paths import ProjectPaths
+from mnist_mlops.paths import ProjectPaths, project_root
 from mnist_mlops.tracking import stage_run
 
 STAGE = "evaluate"
@@ -51,8 +54,11 @@ def run(
     seed: int,
     prepare_params: PrepareParams,
     run_info: dict[str, str],
+    mnistc_dir: Path | None = None,
 ) -> tuple[dict[str, Any], registry.GateDecision]:
-    """Everything evaluate does inside its MLflow run; returns metrics.json and the decision."""
+    """Everything evaluate does inside its MLflow run; returns metrics.json and the decision.
+
+    `mnistc_dir`: the published MNIST-C files, used instead of generating the corruptions."""
     registered = read_json(paths.require(paths.registered))
     tuned_config = read_json(paths.require(paths.model_config("tuned")))
     data_digests = read_json(paths.require(paths.data_summary))["sha256"]
@@ -61,24 +67,15 @@ def run(
     shutil.rmtree(paths.evaluation, ignore_errors=True)  # no figure of an earlier run may linger
     test = load_split(paths.require(paths.split("test")))
     val_images, _ = load_split(paths.require(paths.split("val")))
-    corrupted = robustness.corrupted_sets(
-        test[0],
-        {
-            "rotation": params.rotation_degrees,
-            "shift": params.shift_pixels,
-            "noise": params.noise_std,
-            "blur": params.blur_radius,
-        },
-        seed,
-    )
+    corrupted, mnistc_source = robustness.benchmark_sets(test, seed, mnistc_dir)
+    mlflow.set_tag("mnistc_source", mnistc_source)
     figures = report.Figures(paths.evaluation / "figures")
     loaded = {name: _load_model(paths, name) for name in MODEL_NAMES}
     analyses = [
         _evaluate_model(name, model, test, corrupted, params, paths, figures)
         for name, model in loaded.items()
     ]
-    picks = metrics.first_of_each_digit(test[1])
-    report.draw_comparison(analyses, test[0], corrupted, picks, figures)
+    report.draw_comparison(analyses, test, corrupted, figures)
 
     baseline, tuned = analyses
     name, version = registered["name"], registered["version"]
@@ -89,9 +86,15 @@ def run(
         tuned.scores["accuracy"],
         baseline.scores["accuracy"],
         params.champion_min_accuracy,
+        mnistc_accuracy=tuned.mnistc_mean,
+        min_mnistc_accuracy=params.champion_min_mnistc_accuracy,
     )
     commit = client.get_run(registered["run_id"]).data.tags.get("git_commit", "unknown")
-    test_metrics = {**tuned.scores, "ece": tuned.calibration.ece}
+    test_metrics = {
+        **tuned.scores,
+        "ece": tuned.calibration.ece,
+        "mnistc_mean_accuracy": tuned.mnistc_mean,
+    }
     tags = registry.version_tags(
         test_metrics, tuned_config, prepare_params.model_dump(), data_digests, commit, decision
     )
@@ -106,7 +109,9 @@ def run(
     write_json(paths.evaluation / "metrics.json", summary)
     mlflow.log_metrics({k: float(v) for k, v in summary.items()})
 
-    page = report.evaluation_report(analyses, decision, exported, registered, run_info, figures)
+    page = report.evaluation_report(
+        analyses, decision, exported, registered, run_info, mnistc_source, figures
+    )
     page.write(paths.report)
     mlflow.log_artifacts(str(paths.report), "report")
     return summary, decision
@@ -152,8 +157,9 @@ def _write_and_log(analysis: metrics.ModelAnalysis, labels: np.ndarray, out_dir:
         ],
         f"per_digit_{name}": analysis.per_digit,
         f"calibration_{name}": analysis.calibration.bins,
-        f"robustness_{name}": [
-            {"condition": c, "accuracy": a} for c, a in analysis.robustness.items()
+        f"mnistc_{name}": [
+            {"test_set": test_set, "accuracy": accuracy}
+            for test_set, accuracy in report.robustness_rows(analysis).items()
         ],
     }
     for file_name, rows in plot_data.items():
@@ -189,6 +195,7 @@ def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)
     paths.require(paths.registered)  # before a run is opened for nothing
+    mnistc_dir = os.environ.get("MNISTC_DIR")
     with stage_run(STAGE, params, (STAGE,)) as active:
         run_info = {
             "MLflow run": active.info.run_id,
@@ -202,14 +209,17 @@ def main() -> None:
             seed=params.seed,
             prepare_params=params.prepare,
             run_info=run_info,
+            # Relative to the repository, also when `dvc exp run --temp` runs us in a copy.
+            mnistc_dir=project_root() / mnistc_dir if mnistc_dir else None,
         )
     for name in MODEL_NAMES:
         log.info(
-            "%s test accuracy %.4f, loss %.4f, ECE %.4f",
+            "%s test accuracy %.4f, loss %.4f, ECE %.4f, mean MNIST-C accuracy %.4f",
             name,
             summary[f"{name}_test_accuracy"],
             summary[f"{name}_test_loss"],
             summary[f"{name}_test_ece"],
+            summary[f"{name}_mnistc_mean_accuracy"],
         )
     log.info("%s", decision.reason)
     log.info("report: %s", paths.report / report.REPORT_FILE)

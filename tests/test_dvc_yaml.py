@@ -15,11 +15,12 @@ from mnist_mlops.paths import STAGE_OUTPUTS
 SRC = REPO_ROOT / "src"
 PACKAGES = ("mnist_mlops", "mnist_serving")
 STAGES_DIR = SRC / "mnist_mlops" / "stages"
-# Modules that only log, set up logging or format errors: a change to them changes no output,
-# so listing them would rerun the whole pipeline for nothing.
+# Modules that only log, set up logging, format errors or look after the stage's process: a
+# change to them changes no output, so listing them would rerun the whole pipeline for nothing.
 ONLY_LOG = {
     "src/mnist_mlops/logs.py",
     "src/mnist_mlops/errors.py",
+    "src/mnist_mlops/stage_process.py",
     "src/mnist_mlops/tracking.py",
 }
 # Package markers: empty, or a docstring and environment defaults.

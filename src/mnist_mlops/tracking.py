@@ -140,12 +140,12 @@ def stage_run(
             run_name=stage, experiment_id=experiment_id, parent_run_id=parent_id, tags=tags
         )
     with started as run:
-        logged = {"seed": params.seed}
-        for section in sections:
-            logged |= flatten(section, params.section(section))
-        mlflow.log_params(logged)
-        logging.getLogger(stage).info("MLflow run %s in %s", run.info.run_id, tracking_uri())
         try:
+            logged = {"seed": params.seed}
+            for section in sections:
+                logged |= flatten(section, params.section(section))
+            mlflow.log_params(logged)
+            logging.getLogger(stage).info("MLflow run %s in %s", run.info.run_id, tracking_uri())
             yield run
         except StageInterrupted as stop:
             end_killed(run.info.run_id, str(stop))

@@ -27,10 +27,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from support import REPO_ROOT, merged_params
 
-from mnist_mlops import checkpoints, data, registry, tracking
+from mnist_mlops import checkpoints, data
 from mnist_mlops.config import parse_params
 from mnist_mlops.paths import ProjectPaths
-from mnist_mlops.stage_process import ProcessIdentity
 from mnist_mlops.stages import prepare
 
 pytestmark = pytest.mark.slow
@@ -252,63 +251,3 @@ def test_a_second_process_of_a_stage_is_refused_with_one_line(project, spawn):
     )
     assert first.poll() is None  # untouched
     assert [r.info.status for r in _retrain_runs()] == ["RUNNING"]
-
-
-def test_only_runs_of_ended_processes_are_marked_killed(mlflow_store):
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    identities = {
-        "alive": ProcessIdentity.current(),
-        "ended": ProcessIdentity(
-            ended.pid, ProcessIdentity.current().host, psutil.Process(ended.pid).create_time()
-        ),
-        "elsewhere": ProcessIdentity(1, "another-host", 0.0),
-    }
-    ended.wait()
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("tests").experiment_id
-    runs = {
-        name: client.create_run(experiment, tags={"stage": "evaluate", **identity.tags()})
-        for name, identity in identities.items()
-    }
-    unrecorded = client.create_run(experiment, tags={"stage": "evaluate"})
-    trial = client.create_run(
-        experiment, tags={"stage": "evaluate", "mlflow.parentRunId": runs["ended"].info.run_id}
-    )
-    other_stage = client.create_run(
-        experiment, tags={"stage": "retrain", **identities["ended"].tags()}
-    )
-
-    assert tracking.kill_abandoned_runs(experiment, "evaluate") == 1
-
-    def status(run) -> str:
-        return client.get_run(run.info.run_id).info.status
-
-    assert status(runs["ended"]) == status(trial) == "KILLED"
-    assert status(runs["alive"]) == status(runs["elsewhere"]) == "RUNNING"
-    assert status(unrecorded) == status(other_stage) == "RUNNING"
-    reason = client.get_run(runs["ended"].info.run_id).data.tags["stop_reason"]
-    assert reason == f"its process (PID {ended.pid}) ended without ending it"
-
-
-class _Constant(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input):
-        return [0] * len(model_input)
-
-
-def test_a_retrain_marks_the_unevaluated_version_of_its_project(mlflow_store, tmp_path):
-    with mlflow.start_run():
-        uri = mlflow.pyfunc.log_model(
-            name="model", python_model=_Constant(), pip_requirements=[]
-        ).model_uri
-    first = registry.register_candidate(uri, "m", "host:/project")
-    elsewhere = registry.register_candidate(uri, "m", "host:/other-project")
-    second = registry.register_candidate(uri, "m", "host:/project")
-    client = MlflowClient()
-
-    def status(version: str) -> str:
-        return client.get_model_version("m", version).tags[registry.EVALUATION_STATUS]
-
-    assert (
-        status(first) == f"never evaluated (superseded by v{second}, retrained in the same project)"
-    )
-    assert status(elsewhere) == status(second) == registry.PENDING

@@ -7,6 +7,7 @@ alias and tag versions through the MLflow client.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ PENDING = "pending"
 EVALUATED = "evaluated"
 # Where a version was trained, host:folder: a later retrain there supersedes its files.
 ORIGIN = "origin"
+log = logging.getLogger(__name__)
 
 
 def log_serving_model(
@@ -83,12 +85,9 @@ def register_candidate(model_uri: str, name: str, origin: str) -> str:
         f"name = '{name}' and tags.{EVALUATION_STATUS} = '{PENDING}'"
     ):
         if str(stale.version) != version and stale.tags.get(ORIGIN) == origin:
-            client.set_model_version_tag(
-                name,
-                stale.version,
-                EVALUATION_STATUS,
-                f"never evaluated (superseded by v{version}, retrained in the same project)",
-            )
+            status = f"never evaluated (superseded by v{version}, retrained in the same project)"
+            client.set_model_version_tag(name, stale.version, EVALUATION_STATUS, status)
+            log.warning("%s v%s: %s", name, stale.version, status)
     return version
 
 

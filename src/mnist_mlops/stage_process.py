@@ -82,6 +82,8 @@ class ProcessIdentity:
             )
         except psutil.NoSuchProcess:
             return True
+        except psutil.AccessDenied:
+            return False  # someone else's process, alive
 
 
 def dvc_ancestor() -> psutil.Process | None:

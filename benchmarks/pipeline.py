@@ -141,7 +141,7 @@ class StopAtTarget(keras.callbacks.Callback):
             self.model.stop_training = True
 history = fit(model, train, val, epochs=config["fit"]["epochs"], batch_size=config["batch_size"],
               callbacks=[StopAtTarget()],
-              augment_seed=config["seed"] if config["fit"]["augment"] else None)
+              data_seed=config["seed"], augment=config["fit"]["augment"])
 reached = max(history["val_accuracy"]) >= {TARGET_ACCURACY}
 print(json.dumps({{"seconds": sum(elapsed) if reached else None, "epochs": len(elapsed),
                   "best_val_accuracy": max(history["val_accuracy"])}}))

@@ -15,12 +15,13 @@ from mnist_mlops.paths import STAGE_OUTPUTS
 SRC = REPO_ROOT / "src"
 PACKAGES = ("mnist_mlops", "mnist_serving")
 STAGES_DIR = SRC / "mnist_mlops" / "stages"
-# Modules that only log (to stderr or MLflow), set up logging, format errors or check the MLflow
-# store: a change to them changes no output, so listing them would rerun the whole pipeline for
-# nothing.
+# Modules that only log (to stderr or MLflow), set up logging, format errors, check the MLflow
+# store or look after the stage's process: a change to them changes no output, so listing them
+# would rerun the whole pipeline for nothing.
 ONLY_LOG = {
     "src/mnist_mlops/logs.py",
     "src/mnist_mlops/errors.py",
+    "src/mnist_mlops/stage_process.py",
     "src/mnist_mlops/tracking.py",
     "src/mnist_mlops/store.py",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -138,3 +139,27 @@ def test_gate_moves_the_champion_alias_in_the_registry(mlflow_store, tmp_path):
     assert gate("2", 0.92, 0.93, 0.90) == "1"  # below the baseline: v1 keeps it
     assert gate("3", 0.95, 0.95, 0.95) == "3"  # ties with baseline and gate: enough
     assert gate("3", 0.95, 0.95, 0.96) is None  # re-evaluated under a stricter gate: lost
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, model_input: list[str]) -> list[int]:
+        return [0] * len(model_input)
+
+
+def test_a_retrain_marks_the_unevaluated_version_of_its_project(mlflow_store):
+    with mlflow.start_run():
+        uri = mlflow.pyfunc.log_model(
+            name="model", python_model=_Constant(), pip_requirements=[]
+        ).model_uri
+    first = registry.register_candidate(uri, "m", "host:/project")
+    elsewhere = registry.register_candidate(uri, "m", "host:/other-project")
+    second = registry.register_candidate(uri, "m", "host:/project")
+    client = MlflowClient()
+
+    def status(version: str) -> str:
+        return client.get_model_version("m", version).tags[registry.EVALUATION_STATUS]
+
+    assert (
+        status(first) == f"never evaluated (superseded by v{second}, retrained in the same project)"
+    )
+    assert status(elsewhere) == status(second) == registry.PENDING

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from mnist_mlops.augmentation import AugmentedBatches, random_affine
+from mnist_mlops.augmentation import SeededBatches, random_affine
 from mnist_mlops.models import build_model
 from mnist_mlops.training import fit, seed_everything
 
@@ -36,16 +36,19 @@ def test_random_affine_with_zero_ranges_is_the_identity():
 def test_augmented_batches_cover_every_image_each_epoch():
     x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) * np.ones((1, 28, 28, 1), np.float32)
     y = np.arange(10)
-    batches = AugmentedBatches(x, y, batch_size=4, seed=0)
+    batches = SeededBatches(x, y, batch_size=4, seed=0)
     assert len(batches) == 3
+    orders = []
     for _ in range(2):
+        batches.on_epoch_begin()
         labels = np.concatenate([batches[i][1] for i in range(len(batches))])
         assert sorted(labels) == list(range(10))
-        batches.on_epoch_end()
+        orders.append(labels)
+    assert not np.array_equal(*orders)  # a new order each epoch
 
 
-@pytest.mark.parametrize("augment_seed", [None, 5])
-def test_same_seed_same_weights(augment_seed):
+@pytest.mark.parametrize(("data_seed", "augment"), [(None, False), (5, False), (5, True)])
+def test_same_seed_same_weights(data_seed, augment):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8)
     y = rng.integers(0, 10, 256).astype(np.uint8)
@@ -53,7 +56,16 @@ def test_same_seed_same_weights(augment_seed):
     def train() -> list[np.ndarray]:
         seed_everything(11)
         model = build_model(conv_filters=(8,), dense_units=(16,), batch_norm=True, dropout=0.2)
-        fit(model, (x, y), None, epochs=2, batch_size=64, callbacks=[], augment_seed=augment_seed)
+        fit(
+            model,
+            (x, y),
+            None,
+            epochs=2,
+            batch_size=64,
+            callbacks=[],
+            data_seed=data_seed,
+            augment=augment,
+        )
         return model.get_weights()
 
     for a, b in zip(train(), train(), strict=True):

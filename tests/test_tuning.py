@@ -242,7 +242,7 @@ def test_killed_search_resumes_without_retraining_or_duplicating_runs(
 
     resumed = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming the interrupted search" in resumed.stderr  # logged
+    assert "resuming the interrupted search" in resumed.stderr  # the log, on stderr
 
     after = trial_runs(parent_id)
     by_status = {}

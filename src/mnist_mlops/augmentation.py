@@ -1,4 +1,5 @@
-"""Training-time data augmentation: random small rotations, shifts and zooms of digit images.
+"""Training-time data augmentation: random small rotations, shifts and zooms of digit images,
+in seeded, resumable training batches.
 
 Lives in the input pipeline (not in the models), so saved models hold no training-only layers.
 Used by `training.fit` (baseline, retrain) and by the tuner's trials (`models.MnistHyperModel`).
@@ -51,30 +52,68 @@ def random_affine(
     return keras.ops.convert_to_numpy(moved)
 
 
-class AugmentedBatches(keras.utils.PyDataset):
-    """Shuffled batches of randomly transformed training images, seeded for reproducibility."""
+class SeededBatches(keras.utils.PyDataset):
+    """Training batches shuffled, and with `augment` randomly transformed, from a seed.
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> None:
+    Epoch e's order comes from (seed, e) and batch i's transforms from (seed, e, i), not from one
+    generator drawn in turn: an epoch looks the same whether training started at epoch 0 or
+    resumed at e (`first_epoch`), and in whatever order Keras fetches the batches (it fetches
+    them ahead, out of order, and two before training to learn their shapes). Keras calls
+    `on_epoch_begin` once per epoch.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        seed: int,
+        *,
+        augment: bool = True,
+        first_epoch: int = 0,
+    ) -> None:
         super().__init__()
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(y))
+        self.seed, self.augment = seed, augment
+        self.epoch = first_epoch
+        self.epochs_begun = 0
+        self.order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.y))
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         picks = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        return random_affine(self.x[picks], self.rng), self.y[picks]
+        if not self.augment:
+            return self.x[picks], self.y[picks]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return random_affine(self.x[picks], rng), self.y[picks]
 
-    def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.y))
+    def on_epoch_begin(self) -> None:
+        # The first epoch is `first_epoch` itself; each later one moves on by one.
+        if self.epochs_begun:
+            self.epoch += 1
+            self.order = self._permutation()
+        self.epochs_begun += 1
 
 
 def fit_data(
-    x: np.ndarray, y: np.ndarray, batch_size: int, augment_seed: int | None
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    data_seed: int | None = None,
+    augment: bool = False,
+    first_epoch: int = 0,
 ) -> dict[str, Any]:
-    """`model.fit`'s data arguments: seeded augmented batches, or the arrays themselves."""
-    if augment_seed is None:
+    """`model.fit`'s data arguments: with `data_seed`, `SeededBatches` (numbered from
+    `first_epoch`); without, the arrays themselves, which Keras shuffles (not augmented)."""
+    if data_seed is None:
         return {"x": x, "y": y, "batch_size": batch_size}
-    return {"x": AugmentedBatches(x, y, batch_size, augment_seed)}
+    batches = SeededBatches(x, y, batch_size, data_seed, augment=augment, first_epoch=first_epoch)
+    # shuffle=False: the batches shuffle themselves. Keras's own shuffle would reorder them
+    # from Python's global `random`, which a resumed fit cannot reproduce.
+    return {"x": batches, "shuffle": False}

@@ -60,7 +60,7 @@ def build_model(
     `decay_steps` turns the constant learning rate into a cosine decay over that many steps.
     `label_smoothing` trains towards 1 - s on the true class and s / 10 on every class instead of
     a one-hot target, which penalises overconfident fits.
-    (Augmentation happens in the input pipeline, `augmentation.AugmentedBatches`, so saved
+    (Augmentation happens in the input pipeline, `augmentation.SeededBatches`, so saved
     models hold no training-only layers.)
     """
     if family not in ("cnn", "mlp"):
@@ -311,8 +311,9 @@ class MnistHyperModel(kt.HyperModel):
                     f"conv cost {mmacs:.1f} MMACs/image exceeds tune.max_conv_mmacs "
                     f"= {self.max_conv_mmacs}"
                 )
-        augment_seed = self.seed if self.augment else None
-        return model.fit(**fit_data(x, y, sample_batch_size(hp), augment_seed), **kwargs)
+        data_seed = self.seed if self.augment else None
+        batches = fit_data(x, y, sample_batch_size(hp), data_seed=data_seed, augment=self.augment)
+        return model.fit(**batches, **kwargs)
 
 
 def conv_activations(

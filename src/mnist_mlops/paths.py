@@ -94,6 +94,12 @@ class ProjectPaths:
         return self.model_dir(name) / "history.json"
 
     @property
+    def retrain_checkpoint(self) -> Path:
+        """Retrain's state after its last finished epoch (a persistent DVC output: a killed
+        retrain continues from there on the next `dvc repro`)."""
+        return self.model_dir("tuned") / "checkpoint"
+
+    @property
     def registered(self) -> Path:
         """The registry version retrain created (name, version, run id)."""
         return self.model_dir("tuned") / "registered.json"
@@ -120,6 +126,11 @@ class ProjectPaths:
     @property
     def report(self) -> Path:
         return self.root / "reports" / "evaluate"
+
+    # --- the stages' processes ---------------------------------------------------------------
+    def stage_lock(self, stage: str) -> Path:
+        """Held by the running process of `stage` (`stage_process`); not a pipeline output."""
+        return self.root / ".locks" / f"{stage}.lock"
 
     # --- hand-over checks -------------------------------------------------------------------
     def producer(self, path: Path) -> str | None:

@@ -7,6 +7,7 @@ alias and tag versions through the MLflow client.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ from mnist_mlops.tracking import flatten, model_requirements
 from mnist_serving.model import KERAS_ARTIFACT, REQUEST_FORMS, SIGNATURE, DigitClassifier
 
 CHAMPION_ALIAS = "champion"
+# A version's progress, shown in `mlflow ui`: `pending` from birth (retrain), `evaluated` once
+# evaluate has scored it, `never evaluated (...)` when its project retrained before evaluating.
+EVALUATION_STATUS = "evaluation_status"
+PENDING = "pending"
+EVALUATED = "evaluated"
+# Where a version was trained, host:folder: a later retrain there supersedes its files.
+ORIGIN = "origin"
+log = logging.getLogger(__name__)
 
 
 def log_serving_model(
@@ -57,6 +66,30 @@ def log_serving_model(
                 pip_requirements=model_requirements(),
                 registered_model_name=registered_model_name,
             )
+
+
+def register_candidate(model_uri: str, name: str, origin: str) -> str:
+    """Register `model_uri` as a new version of `name`, `pending` evaluation; return its number.
+
+    The status is set as the version is created, so a retrain killed right after registering
+    leaves no version without one. An earlier version from the same `origin` still pending is
+    marked never evaluated: this retrain has replaced the files its evaluate would have read
+    (its pipeline was killed, or its evaluate failed and was not rerun).
+    """
+    version = str(
+        mlflow.register_model(
+            model_uri, name, tags={EVALUATION_STATUS: PENDING, ORIGIN: origin}
+        ).version
+    )
+    client = MlflowClient()
+    for stale in client.search_model_versions(
+        f"name = '{name}' and tags.{EVALUATION_STATUS} = '{PENDING}'"
+    ):
+        if str(stale.version) != version and stale.tags.get(ORIGIN) == origin:
+            status = f"never evaluated (superseded by v{version}, retrained in the same project)"
+            client.set_model_version_tag(name, stale.version, EVALUATION_STATUS, status)
+            log.warning("%s v%s: %s", name, stale.version, status)
+    return version
 
 
 def load_keras_model(model_uri: str) -> keras.Model:
@@ -247,6 +280,7 @@ def version_tags(
         ),
         **flatten("hparams", model_config["tuned_from"]["hyperparameters"]),
         "champion_gate": decision.reason,
+        EVALUATION_STATUS: EVALUATED,
     }
     return {key: str(value) for key, value in tags.items()}
 

@@ -2,7 +2,9 @@
 
 Every stage opens exactly one run through `stage_run`. The run is named after the stage, carries
 the stage's resolved params and the tags that tie it to its code and to the other stage runs of
-the same `dvc repro` (`pipeline_run_id`).
+the same `dvc repro` (`pipeline_run_id`), and to its process (`stage_process.ProcessIdentity`).
+A run whose process died without ending it (SIGKILL, a power cut) is marked KILLED by the next
+run of the same stage; a run stopped by a signal ends KILLED itself.
 """
 
 from __future__ import annotations
@@ -14,20 +16,21 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import keras
 import mlflow
 import numpy as np
-import psutil
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunStatus
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlops import store
 from mnist_mlops.config import Params
+from mnist_mlops.errors import StageInterrupted
 from mnist_mlops.paths import project_root
+from mnist_mlops.stage_process import ProcessIdentity, dvc_ancestor
 
 # Requirements recorded with logged models; listing them skips mlflow's slow dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
@@ -84,13 +87,8 @@ def pipeline_run_id() -> str:
     """
     if explicit := os.environ.get("PIPELINE_RUN_ID"):
         return explicit
-    for parent in psutil.Process().parents():
-        try:
-            # `dvc ...` or `python .../bin/dvc ...`
-            if any(Path(arg).name == "dvc" for arg in parent.cmdline()[:2]):
-                return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{parent.pid}-{parent.create_time()}"))
-        except psutil.Error:
-            continue
+    if dvc := dvc_ancestor():
+        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{dvc.pid}-{dvc.create_time()}"))
     return str(uuid.uuid4())
 
 
@@ -106,6 +104,9 @@ def stage_run(
     Under `mlflow run`, MLFLOW_RUN_ID names the project run: the stage nests under it instead of
     resuming it, so `-e main` shows one parent with five stage children. `resume_run_id`
     reopens an interrupted run of this stage instead of starting a new one.
+
+    First, runs of this stage left RUNNING by a process that is gone are marked KILLED. A stop
+    signal (`StageInterrupted`) ends the run, and any nested run still open, KILLED.
     """
     configure()
     parent_id = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -118,21 +119,76 @@ def stage_run(
         "dvc_stage": os.environ.get("DVC_STAGE", stage),
         "git_commit": git_commit(),
         "pipeline_run_id": pipeline_run_id(),
+        **ProcessIdentity.current().tags(),
     }
+    kill_abandoned_runs(experiment_id, stage)
     if resume_run_id:
         started = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tags(tags)
+        if "stop_reason" in started.data.tags:
+            MlflowClient().delete_tag(resume_run_id, "stop_reason")
     else:
         started = mlflow.start_run(
             run_name=stage, experiment_id=experiment_id, parent_run_id=parent_id, tags=tags
         )
     with started as run:
-        logged = {"seed": params.seed}
-        for section in sections:
-            logged |= flatten(section, params.section(section))
-        mlflow.log_params(logged)
-        logging.getLogger(stage).info("MLflow run %s in %s", run.info.run_id, store.tracking_uri())
-        yield run
+        try:
+            logged = {"seed": params.seed}
+            for section in sections:
+                logged |= flatten(section, params.section(section))
+            mlflow.log_params(logged)
+            logging.getLogger(stage).info(
+                "MLflow run %s in %s", run.info.run_id, store.tracking_uri()
+            )
+            yield run
+        except StageInterrupted as stop:
+            end_killed(run.info.run_id, str(stop))
+            # Off the active-run stack, so leaving the `with` does not end it FAILED.
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            logging.getLogger(stage).warning("MLflow run %s ended KILLED", run.info.run_id)
+            raise
+
+
+def kill_abandoned_runs(experiment_id: str, stage: str) -> int:
+    """Mark KILLED the runs of `stage` left RUNNING by a process that has ended; return how many.
+
+    Runs of live processes (another pipeline on the same store), of other hosts and without a
+    recorded process are left alone.
+    """
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+    )
+    abandoned = [
+        (run, process)
+        for run in running
+        if (process := ProcessIdentity.from_tags(run.data.tags)) and process.is_gone()
+    ]
+    for run, process in abandoned:
+        end_killed(run.info.run_id, f"its process (PID {process.pid}) ended without ending it")
+        logging.getLogger(stage).warning(
+            "run %s of an earlier %s process (PID %d) was left RUNNING; marked KILLED",
+            run.info.run_id,
+            stage,
+            process.pid,
+        )
+    return len(abandoned)
+
+
+def end_killed(run_id: str, reason: str) -> None:
+    """End run `run_id` and its nested runs still RUNNING (tune's trials) as KILLED, saying why
+    in the tag `stop_reason`."""
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for child in client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' "
+        "and attributes.status = 'RUNNING'",
+    ):
+        end_killed(child.info.run_id, reason)
+    client.set_tag(run_id, "stop_reason", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 class EpochMetricsLogger(keras.callbacks.Callback):

@@ -57,17 +57,28 @@ def fit(
     epochs: int,
     batch_size: int,
     callbacks: list[keras.callbacks.Callback],
-    augment_seed: int | None = None,
+    data_seed: int | None = None,
+    augment: bool = False,
     initial_epoch: int = 0,
 ) -> dict[str, list[float]]:
     """Train on uint8 image arrays for `epochs` epochs; return the per-epoch history.
 
-    With `augment_seed`, every epoch sees freshly transformed copies of the training images.
+    With `data_seed`, each epoch's order (and with `augment`, its freshly transformed copies of
+    the training images) is drawn from the seed and the epoch's number, so a fit resumed at
+    `initial_epoch` sees what an uninterrupted one would have; without, Keras shuffles the
+    arrays.
     `initial_epoch` numbers the epochs from there on (in the logs, callbacks and MLflow steps),
     so models trained one after another into the same run continue one epoch axis.
     """
     history = model.fit(
-        **fit_data(to_model_input(train[0]), one_hot(train[1]), batch_size, augment_seed),
+        **fit_data(
+            to_model_input(train[0]),
+            one_hot(train[1]),
+            batch_size,
+            data_seed=data_seed,
+            augment=augment,
+            first_epoch=initial_epoch,
+        ),
         validation_data=(to_model_input(val[0]), one_hot(val[1])) if val is not None else None,
         initial_epoch=initial_epoch,
         epochs=initial_epoch + epochs,

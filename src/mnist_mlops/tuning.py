@@ -22,7 +22,6 @@ import keras
 import keras_tuner as kt
 import mlflow
 from keras_tuner.src import config as kt_config
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -283,21 +282,6 @@ def save_state(state_dir: Path, fingerprint: str, run_id: str, finished: bool) -
     # Atomic: a search killed while writing must still find readable state on resume.
     state = {"fingerprint": fingerprint, "run_id": run_id, "finished": finished}
     write_json(state_dir / STATE_FILE, state)
-
-
-def kill_orphaned_trial_runs(parent_run_id: str) -> int:
-    """Mark trial runs left RUNNING by a killed search as KILLED; return how many."""
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    orphans = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
-        "and attributes.status = 'RUNNING'",
-    )
-    for run in orphans:
-        client.set_tag(run.info.run_id, "trial_status", "KILLED")
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-    return len(orphans)
 
 
 def trials_table(tuner: kt.Tuner) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.paths import ProjectPaths
+from mnist_mlops.stage_process import single_stage_process
 from mnist_mlops.tracking import EpochMetricsLogger, log_keras_model, stage_run
 from mnist_mlops.training import fit, save_model, seed_everything
 
@@ -56,6 +57,7 @@ def run(
 
 
 @exit_on_pipeline_error(STAGE)
+@single_stage_process(STAGE)
 def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)

@@ -37,6 +37,7 @@ from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.files import read_json, write_json
 from mnist_mlops.paths import ProjectPaths, project_root
+from mnist_mlops.stage_process import single_stage_process
 from mnist_mlops.tracking import stage_run
 
 STAGE = "evaluate"
@@ -191,6 +192,7 @@ def _predict(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 
 @exit_on_pipeline_error(STAGE)
+@single_stage_process(STAGE)
 def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)

@@ -19,6 +19,7 @@ from mnist_mlops.config import PrepareParams, load_params
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.files import atomic_dir, write_json
 from mnist_mlops.paths import ProjectPaths, project_root
+from mnist_mlops.stage_process import single_stage_process
 from mnist_mlops.tracking import stage_run
 
 STAGE = "prepare"
@@ -66,6 +67,7 @@ def _digest(x: np.ndarray, y: np.ndarray) -> str:
 
 
 @exit_on_pipeline_error(STAGE)
+@single_stage_process(STAGE)
 def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)

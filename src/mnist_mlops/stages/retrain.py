@@ -7,28 +7,37 @@ history.json (member 1's epochs follow member 0's), with a `member` column sayin
 With `retrain.test_time_shift` > 0 the saved model also averages over the image and four copies
 of it moved that many pixels (`models.shift_averaged`).
 
-Reads: data/prepared/{train,val}.npz, tuning/best_hparams.json. Writes:
+Reads: data/prepared/{train,val}.npz and summary.json, tuning/best_hparams.json. Writes:
 models/tuned/{model.keras,config.json,history.json,registered.json}; registers a new version of
-the model in the MLflow Model Registry.
+the model in the MLflow Model Registry, tagged `evaluation_status=pending` until evaluate runs.
+Keeps a checkpoint after every epoch in models/tuned/checkpoint/ (a persistent DVC output): a
+killed retrain continues from its last finished epoch, in the same MLflow run, on the next
+`dvc repro`, and ends with the same model as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import socket
+import sys
+from importlib import metadata
 from typing import Any
 
+import keras
 import mlflow
 import numpy as np
 
-from mnist_mlops import plots
-from mnist_mlops.config import RetrainParams, load_params
+from mnist_mlops import augmentation, checkpoints, data, models, plots, registry, training
+from mnist_mlops.checkpoints import TrainingCheckpoint
+from mnist_mlops.config import Params, RetrainParams, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.files import read_json, write_json
 from mnist_mlops.models import average_ensemble, build_model, shift_averaged
 from mnist_mlops.paths import ProjectPaths
-from mnist_mlops.registry import log_serving_model
+from mnist_mlops.stage_process import single_stage_process
 from mnist_mlops.tracking import EpochMetricsLogger, stage_run
 from mnist_mlops.training import fit, save_model, seed_everything
 
@@ -44,9 +53,11 @@ def run(
     seed: int,
     run_id: str,
     registered_model: str,
+    checkpoint: TrainingCheckpoint,
 ) -> dict[str, Any]:
-    """Train the best configuration on train + val, log it and register it as a new version of
-    `registered_model`; return the registry hand-over (also written as registered.json)."""
+    """Train the best configuration on train + val (continuing from `checkpoint`, saving each
+    epoch there), log it and register it as a new version of `registered_model`; return the
+    registry hand-over (also written as registered.json)."""
     best = read_json(paths.require(paths.best_hparams))
     x_train, y_train = load_split(paths.require(paths.split("train")))
     x_val, y_val = load_split(paths.require(paths.split("val")))
@@ -60,7 +71,7 @@ def run(
     }
     epochs = params.epochs
     seeds = member_seeds(seed, params.ensemble_size)
-    members, histories = [], []
+    members = []
     for i, member_seed in enumerate(seeds):
         if len(seeds) > 1:
             log.info("ensemble member %d/%d (seed %d)", i + 1, len(seeds), member_seed)
@@ -68,23 +79,28 @@ def run(
         member = build_model(**architecture, seed=member_seed)
         if i == 0:
             member.summary(print_fn=lambda text, **_: log.info("%s", text))
-        histories.append(
+        done = checkpoint.restore(member, i)
+        if done:
+            log.info("restored after epoch %d/%d from %s", done, epochs, checkpoint.directory)
+        if done < epochs:
             fit(
                 member,
                 (x_all, y_all),
                 None,
-                epochs=epochs,
+                epochs=epochs - done,
                 batch_size=batch_size,
-                callbacks=[EpochMetricsLogger(run_id)],
-                augment_seed=member_seed if params.augment else None,
-                initial_epoch=i * epochs,
+                # The logger first: an epoch on record in the checkpoint is on record in MLflow.
+                callbacks=[EpochMetricsLogger(run_id), checkpoint.callback(i)],
+                data_seed=member_seed,
+                augment=params.augment,
+                initial_epoch=i * epochs + done,
             )
-        )
         members.append(member)
     model = shift_averaged(average_ensemble(members), params.test_time_shift)
-    history = {key: [v for h in histories for v in h[key]] for key in histories[0]}
+    history = checkpoint.history()
+    member_column = history.pop("model")
     if len(members) > 1:
-        history["member"] = [i for i, h in enumerate(histories) for _ in h["loss"]]
+        history["member"] = member_column
     config = {
         "seed": seed,
         "architecture": architecture,
@@ -99,10 +115,12 @@ def run(
     mlflow.log_dict(config, "config.json")
     mlflow.log_figure(plots.training_curves(history, "Tuned CNN, retrained"), "training_curves.png")
     # The served form: validates requests and accepts tensors, raw pixels and PNGs.
-    info = log_serving_model(paths.model_file(MODEL_NAME), registered_model_name=registered_model)
+    info = registry.log_serving_model(paths.model_file(MODEL_NAME))
+    origin = f"{socket.gethostname()}:{paths.root.resolve()}"
+    version = registry.register_candidate(info.model_uri, registered_model, origin)
     registered = {
         "name": registered_model,
-        "version": str(info.registered_model_version),
+        "version": version,
         "model_uri": info.model_uri,
         "run_id": run_id,
     }
@@ -118,19 +136,50 @@ def member_seeds(seed: int, ensemble_size: int) -> list[int]:
     ]
 
 
+def checkpoint_fingerprint(params: Params, paths: ProjectPaths) -> str:
+    """What a retrain checkpoint depends on: params, the tuned configuration, the data, the
+    training code and library versions. Any change starts the training afresh."""
+    code = [sys.modules[__name__], augmentation, checkpoints, data, models, training]
+    return checkpoints.fingerprint(
+        {
+            "seed": params.seed,
+            "retrain": params.retrain.model_dump(),
+            "mlflow": params.mlflow.model_dump(),
+            "best": read_json(paths.require(paths.best_hparams)),
+            "data": read_json(paths.require(paths.data_summary))["sha256"],
+            "code": [inspect.getsource(module) for module in code],
+            "versions": [
+                metadata.version(name) for name in ("keras", "numpy", keras.backend.backend())
+            ],
+        }
+    )
+
+
 @exit_on_pipeline_error(STAGE)
+@single_stage_process(STAGE)
 def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)
-    paths.require(paths.best_hparams)  # before a run is opened for nothing
-    with stage_run(STAGE, params, (STAGE,)) as active:
+    checkpoint = TrainingCheckpoint.open(
+        paths.retrain_checkpoint, checkpoint_fingerprint(params, paths)
+    )
+    with stage_run(STAGE, params, (STAGE,), resume_run_id=checkpoint.run_id) as active:
+        if checkpoint.run_id:
+            log.info(
+                "resuming the interrupted run %s after %d trained epoch(s)",
+                checkpoint.run_id,
+                checkpoint.epochs_done,
+            )
+        checkpoint.start(active.info.run_id)
         registered = run(
             params.retrain,
             paths,
             seed=params.seed,
             run_id=active.info.run_id,
             registered_model=params.mlflow.registered_model,
+            checkpoint=checkpoint,
         )
+    checkpoint.finish()
     log.info("registered %s version %s", registered["name"], registered["version"])
 
 

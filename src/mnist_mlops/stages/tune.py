@@ -21,6 +21,7 @@ from mnist_mlops.data import load_split, one_hot, stratified_subset, to_model_in
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
 from mnist_mlops.files import read_json, write_json
 from mnist_mlops.paths import ProjectPaths
+from mnist_mlops.stage_process import single_stage_process
 from mnist_mlops.tracking import stage_run
 from mnist_mlops.training import progress_verbosity, seed_everything
 
@@ -91,6 +92,7 @@ def _log_summary(best: dict[str, Any], rows: list[dict[str, Any]], summary: dict
 
 
 @exit_on_pipeline_error(STAGE)
+@single_stage_process(STAGE)
 def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)
@@ -100,13 +102,7 @@ def main() -> None:
     with stage_run(STAGE, params, (STAGE,), resume_run_id=resume_id) as active:
         run_id = active.info.run_id
         if resume_id:
-            killed = tuning.kill_orphaned_trial_runs(run_id)
-            log.info(
-                "resuming the interrupted search of run %s (%d interrupted trial run(s) marked "
-                "KILLED)",
-                run_id,
-                killed,
-            )
+            log.info("resuming the interrupted search of run %s", run_id)
         tuning.save_state(paths.tuning_state, fingerprint, run_id, finished=False)
         best = run(params.tune, paths, seed=params.seed, run_id=run_id)
         tuning.save_state(paths.tuning_state, fingerprint, run_id, finished=True)

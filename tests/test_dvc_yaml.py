@@ -21,6 +21,7 @@ ONLY_LOG = {
     "src/mnist_mlops/logs.py",
     "src/mnist_mlops/errors.py",
     "src/mnist_mlops/tracking.py",
+    "src/mnist_mlops/lineage.py",
 }
 # Package markers: empty, or a docstring and environment defaults.
 PACKAGE_FILES = {

@@ -30,6 +30,11 @@ from mnist_mlops.paths import project_root
 
 # Requirements recorded with logged models; listing them skips mlflow's slow dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
+# MLflow 3's UI opens an experiment without this tag on its (empty) GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Set by DVC for each stage of `dvc exp run`.
+DVC_EXPERIMENT_VARIABLE = "DVC_EXP_NAME"
 
 
 def tracking_uri() -> str:
@@ -42,19 +47,35 @@ def configure() -> None:
 
 
 def experiment(name: str) -> str:
-    """The id of experiment `name`, created on first use.
+    """The id of experiment `name`, created on first use as a model-training experiment.
 
     With a sqlite store, artifacts go to `mlartifacts/` beside the database rather than to
-    MLflow's default `./mlartifacts` under whatever directory the stage happens to run in.
+    MLflow's default `./mlartifacts` under whatever directory the stage happens to run in. A
+    tracking server stores them where its --artifacts-destination says.
     """
     client = MlflowClient()
     if existing := client.get_experiment_by_name(name):
+        _mark_model_training(client, existing)
         return existing.experiment_id
     uri = tracking_uri()
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
+
+
+def _mark_model_training(client: MlflowClient, existing: mlflow.entities.Experiment) -> None:
+    """Tag an experiment created before the kind was set; a kind chosen in the UI stays."""
+    if EXPERIMENT_KIND_TAG not in existing.tags:
+        client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """`dvc_experiment`: the experiment's name when the run is part of `dvc exp run`."""
+    name = os.environ.get(DVC_EXPERIMENT_VARIABLE)
+    return {"dvc_experiment": name} if name else {}
 
 
 def flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,6 +146,7 @@ def stage_run(
         "dvc_stage": os.environ.get("DVC_STAGE", stage),
         "git_commit": git_commit(),
         "pipeline_run_id": pipeline_run_id(),
+        **dvc_experiment_tags(),
     }
     if resume_run_id:
         started = mlflow.start_run(run_id=resume_run_id)

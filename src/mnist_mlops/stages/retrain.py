@@ -21,7 +21,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from mnist_mlops import plots
+from mnist_mlops import lineage, plots
 from mnist_mlops.config import RetrainParams, load_params
 from mnist_mlops.data import load_split
 from mnist_mlops.errors import exit_on_pipeline_error
@@ -124,6 +124,8 @@ def main() -> None:
     params = load_params(paths.params)
     paths.require(paths.best_hparams)  # before a run is opened for nothing
     with stage_run(STAGE, params, (STAGE,)) as active:
+        # Trained on both: the search already chose the configuration on val.
+        lineage.log_splits(paths, {"train": "training", "val": "training"})
         registered = run(
             params.retrain,
             paths,

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from support import REPO_ROOT, server_state_dir
 
 from mnist_mlops.scoring_server import free_port
-from mnist_mlops.tracking_server import healthy, postgres_bin_dir
+from mnist_mlops.tracking_server import healthy, postgres_bin_dir, server_url
 
 SCRIPT = REPO_ROOT / "scripts" / "tracking_server.py"
 
@@ -98,3 +98,10 @@ def test_a_busy_port_is_refused_in_one_line(tmp_path):
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.json").exists()
+
+
+def test_the_printed_url_is_one_clients_can_use():
+    assert server_url("127.0.0.1", 5000) == "http://127.0.0.1:5000"
+    # Bound to every interface: reached by this machine's name, not by 0.0.0.0.
+    assert server_url("0.0.0.0", 5000) == f"http://{os.uname().nodename}:5000"
+    assert server_url("::1", 5000) == "http://[::1]:5000"

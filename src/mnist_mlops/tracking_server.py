@@ -225,10 +225,16 @@ class RunningServer:
     url: str
 
 
+ALL_INTERFACES = ("0.0.0.0", "::")
+
+
 def server_url(host: str, port: int) -> str:
     """The URL clients use: a server on all interfaces is reached by this machine's name."""
-    shown = os.uname().nodename if host in ("0.0.0.0", "::") else host
-    return f"http://{shown}:{port}"
+    return _http(os.uname().nodename if host in ALL_INTERFACES else host, port)
+
+
+def _http(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -306,7 +312,7 @@ def _start_server(
     server = RunningServer(process.pid, url)
     create_time = psutil.Process(process.pid).create_time()
     write_json(state.pid_file, {"pid": process.pid, "create_time": create_time, "url": url})
-    local_url = f"http://{DEFAULT_HOST if host in ('0.0.0.0', '::') else host}:{port}"
+    local_url = _http(DEFAULT_HOST if host in ALL_INTERFACES else host, port)
     deadline = time.monotonic() + timeout
     while not healthy(local_url):
         problem = None

@@ -1,6 +1,8 @@
 # Three commands: `make run` (the whole pipeline), `make test` (lint + test suite) and
 # `make demo` (draw a digit for the registered champion, in the browser).
 # All create .venv from the pinned requirements first, once.
+# For a team: `make tracking-server` starts a shared MLflow server (PostgreSQL backend, installed
+# where missing), `make tracking-server-stop` stops it; options: SERVER_ARGS="--host 0.0.0.0".
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ VENV_MOVED := $(filter-out $(abspath $(VENV)),$(file < $(INSTALLED)))
 # Stages call `python`, `dvc` and (when serving) `uvicorn` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test demo lint format relocate-store clean-outputs FORCE
+.PHONY: run test demo lint format relocate-store clean-outputs FORCE tracking-server tracking-server-stop postgres
 
 # The store is checked first: `dvc repro` deletes a stage's outputs before running it, and a stage
 # that then finds the MLflow store unusable would leave them deleted (`dvc checkout` restores them).
@@ -28,12 +30,22 @@ demo: $(INSTALLED)
 	python -m mnist_mlops.demo $(DEMO_ARGS)
 
 lint: $(INSTALLED)
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+	ruff check src tests benchmarks scripts
+	ruff format --check src tests benchmarks scripts
 
 format: $(INSTALLED)
-	ruff check --fix src tests benchmarks
-	ruff format src tests benchmarks
+	ruff check --fix src tests benchmarks scripts
+	ruff format src tests benchmarks scripts
+
+tracking-server: $(INSTALLED)
+	python scripts/tracking_server.py start $(SERVER_ARGS)
+
+tracking-server-stop: $(INSTALLED)
+	python scripts/tracking_server.py stop $(SERVER_ARGS)
+
+# PostgreSQL alone (tracking-server installs it too): for the tests' throwaway servers.
+postgres: $(INSTALLED)
+	python scripts/tracking_server.py install
 
 $(INSTALLED): requirements.txt pyproject.toml $(if $(VENV_MOVED),FORCE)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }

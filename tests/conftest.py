@@ -1,15 +1,20 @@
-"""Shared fixtures: the real MNIST files, a throwaway MLflow store, validated params."""
+"""Shared fixtures: the real MNIST files, a throwaway MLflow store, a throwaway tracking server
+on PostgreSQL, validated params."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
-from support import REPO_ROOT, merged_params
+from support import REPO_ROOT, merged_params, server_state_dir
 
+from mnist_mlops import tracking_server as server
 from mnist_mlops.config import Params, parse_params
+from mnist_mlops.scoring_server import free_port
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +46,18 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def tracking_server() -> Iterator[dict]:
+    """A real `mlflow server` on a throwaway PostgreSQL cluster, as `make tracking-server` runs
+    it, on a free loopback port: {"url": ..., "state": ServerState}. Stopped by PID after."""
+    if server.postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (no initdb): `make postgres` installs it")
+    state = server.ServerState(server_state_dir())
+    try:
+        running = server.start(state, port=free_port())
+        yield {"url": running.url, "state": state}
+    finally:
+        server.stop(state)
+        shutil.rmtree(state.root, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -20,3 +21,11 @@ def merged_params(*overrides: dict) -> dict:
             else:
                 raw[key] = value
     return raw
+
+
+def server_state_dir() -> Path:
+    """An empty folder for a tracking server's state that the postgres user can enter (pytest's
+    own temporary folders are private to the user running the tests, root in CI)."""
+    root = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
+    root.chmod(0o755)
+    return root

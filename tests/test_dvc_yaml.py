@@ -24,6 +24,7 @@ ONLY_LOG = {
     "src/mnist_mlops/stage_process.py",
     "src/mnist_mlops/tracking.py",
     "src/mnist_mlops/store.py",
+    "src/mnist_mlops/lineage.py",
 }
 # Package markers: empty, or a docstring and environment defaults.
 PACKAGE_FILES = {

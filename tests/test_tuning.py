@@ -162,6 +162,9 @@ def test_failing_trials_are_recorded_and_do_not_abort_the_search(
     assert tuning.best_configuration(tuner)["trial_id"] in {
         r.data.tags["trial_id"] for r in completed
     }
+    for run in completed:
+        assert tuning.trial_run_id(parent.info.run_id, run.data.tags["trial_id"]) == run.info.run_id
+    assert tuning.trial_run_id(parent.info.run_id, failed[0].data.tags["trial_id"]) is None
 
 
 class RefusingHyperModel(MnistHyperModel):

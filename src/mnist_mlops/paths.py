@@ -115,7 +115,7 @@ class ProjectPaths:
 
     @property
     def tuning_state(self) -> Path:
-        """Keras Tuner's resumable search state (a persistent DVC output)."""
+        """Keras Tuner's resumable search state (tune's own: no DVC output, never pushed)."""
         return self.tuning / "state"
 
     # --- evaluate ---------------------------------------------------------------------------

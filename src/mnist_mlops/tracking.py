@@ -34,6 +34,11 @@ from mnist_mlops.stage_process import ProcessIdentity, dvc_ancestor
 
 # Requirements recorded with logged models; listing them skips mlflow's slow dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
+# MLflow 3's UI opens an experiment without this tag on its (empty) GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Set by DVC for each stage of `dvc exp run`.
+DVC_EXPERIMENT_VARIABLE = "DVC_EXP_NAME"
 
 
 def configure() -> None:
@@ -44,13 +49,29 @@ def configure() -> None:
 
 
 def experiment(name: str) -> str:
-    """The id of experiment `name`, created on first use, with its artifacts where
-    `store.artifact_location` puts them."""
+    """The id of experiment `name`, created on first use as a model-training experiment, with
+    its artifacts where `store.artifact_location` puts them (a tracking server: where its
+    --artifacts-destination says)."""
     client = MlflowClient()
     if existing := client.get_experiment_by_name(name):
+        _mark_model_training(client, existing)
         return existing.experiment_id
     location = store.artifact_location(store.tracking_uri())
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
+
+
+def _mark_model_training(client: MlflowClient, existing: mlflow.entities.Experiment) -> None:
+    """Tag an experiment created before the kind was set; a kind chosen in the UI stays."""
+    if EXPERIMENT_KIND_TAG not in existing.tags:
+        client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """`dvc_experiment`: the experiment's name when the run is part of `dvc exp run`."""
+    name = os.environ.get(DVC_EXPERIMENT_VARIABLE)
+    return {"dvc_experiment": name} if name else {}
 
 
 def flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,6 +141,7 @@ def stage_run(
         "git_commit": git_commit(),
         "pipeline_run_id": pipeline_run_id(),
         **ProcessIdentity.current().tags(),
+        **dvc_experiment_tags(),
     }
     kill_abandoned_runs(experiment_id, stage)
     if resume_run_id:

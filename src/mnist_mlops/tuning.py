@@ -28,7 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mnist_mlops import models
 from mnist_mlops.config import TuneParams
 from mnist_mlops.files import read_json, write_json
-from mnist_mlops.tracking import EpochMetricsLogger
+from mnist_mlops.tracking import EpochMetricsLogger, dvc_experiment_tags
 
 OBJECTIVE = "val_accuracy"
 PROJECT = "search"
@@ -60,6 +60,7 @@ class MlflowTrialsMixin:
                 "stage": "tune",
                 "trial_id": trial.trial_id,
                 "pipeline_run_id": parent.data.tags.get("pipeline_run_id", ""),
+                **dvc_experiment_tags(),
                 **_hyperband_tags(trial.hyperparameters.values),
             },
         )
@@ -282,6 +283,19 @@ def save_state(state_dir: Path, fingerprint: str, run_id: str, finished: bool) -
     # Atomic: a search killed while writing must still find readable state on resume.
     state = {"fingerprint": fingerprint, "run_id": run_id, "finished": finished}
     write_json(state_dir / STATE_FILE, state)
+
+
+def trial_run_id(parent_run_id: str, trial_id: str) -> str | None:
+    """The MLflow run in which trial `trial_id` of search run `parent_run_id` completed."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
+        f"and tags.trial_id = '{trial_id}' and tags.trial_status = 'COMPLETED'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def trials_table(tuner: kt.Tuner) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 address, in front of the registered champion served by `mlflow models serve`.
 
 The command starts the model server itself (models:/<mlflow.registered_model>@champion, the
-name from params.yaml, in the store `tracking.tracking_uri()` names) and stops it on exit (Ctrl-C
+name from params.yaml, in the store `store.tracking_uri()` names) and stops it on exit (Ctrl-C
 or SIGTERM), unless `--model-url` points at a scoring server that is already running.
 """
 
@@ -26,6 +26,7 @@ from mnist_mlops.demo.app import create_app
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
 from mnist_mlops.paths import ProjectPaths
 from mnist_mlops.scoring_server import SERVER_HOST, ScoringServer
+from mnist_mlops.store import tracking_uri
 
 NAME = "demo"
 DEFAULT_PORT = 8000
@@ -94,10 +95,6 @@ def listening_socket(port: int) -> Iterator[socket.socket]:
 @contextlib.contextmanager
 def champion_server() -> Iterator[str]:
     """A `mlflow models serve` process for the champion; yields its URL."""
-    # tracking and registry import Keras and TensorFlow (~4 s), which only the path that
-    # starts a model server needs; the app itself is a thin proxy.
-    from mnist_mlops.tracking import tracking_uri
-
     store = tracking_uri()
     uri = champion_uri(store)
     with tempfile.TemporaryDirectory(prefix="mnist-demo-") as tmp:
@@ -120,7 +117,8 @@ def champion_server() -> Iterator[str]:
 
 def champion_uri(store: str) -> str:
     """models:/<registered model>@champion, after checking that some version holds the alias."""
-    from mnist_mlops.registry import CHAMPION_ALIAS  # Keras, as above
+    # registry imports Keras and TensorFlow, which only the path that starts a model server needs.
+    from mnist_mlops.registry import CHAMPION_ALIAS
 
     name = load_params(ProjectPaths.cwd().params).mlflow.registered_model
     database = store.removeprefix("sqlite:///")

@@ -10,7 +10,7 @@ import logging
 
 import mlflow
 
-from mnist_mlops import plots
+from mnist_mlops import lineage, plots
 from mnist_mlops.config import BaselineParams, load_params
 from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.errors import exit_on_pipeline_error
@@ -62,6 +62,7 @@ def main() -> None:
     paths = ProjectPaths.cwd()
     params = load_params(paths.params)
     with stage_run(STAGE, params, (STAGE,)) as active:
+        lineage.log_splits(paths, {"train": "training", "val": "validation"})
         history = run(params.baseline, paths, seed=params.seed, run_id=active.info.run_id)
     log.info("val_accuracy %.4f; saved %s", history["val_accuracy"][-1], paths.model_dir(STAGE))
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mnist_mlops import export, metrics, models, registry, report, robustness
+from mnist_mlops import export, lineage, metrics, models, registry, report, robustness
 from mnist_mlops.config import EvaluateParams, PrepareParams, load_params
 from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.errors import exit_on_pipeline_error
@@ -199,6 +199,8 @@ def main() -> None:
     paths.require(paths.registered)  # before a run is opened for nothing
     mnistc_dir = os.environ.get("MNISTC_DIR")
     with stage_run(STAGE, params, (STAGE,)) as active:
+        # val: the representative images of the int8 export's calibration.
+        lineage.log_splits(paths, {"test": "test", "val": "quantization"})
         run_info = {
             "MLflow run": active.info.run_id,
             "git commit": active.data.tags.get("git_commit", "unknown"),

@@ -14,7 +14,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from mnist_mlops import data, plots
+from mnist_mlops import data, lineage, plots
 from mnist_mlops.config import PrepareParams, load_params
 from mnist_mlops.errors import exit_on_pipeline_error
 from mnist_mlops.files import atomic_dir, write_json
@@ -81,6 +81,7 @@ def main() -> None:
         mlflow.set_tag("data_source", source)
         mlflow.log_metrics({f"{name}_size": size for name, size in summary["sizes"].items()})
         mlflow.log_dict(summary, "summary.json")
+        lineage.log_splits(paths, {split: "output" for split in summary["sizes"]})
         x_train, y_train = data.load_split(paths.split("train"))
         mlflow.log_figure(plots.sample_grid(x_train, y_train), "sample_grid.png")
     sizes = ", ".join(f"{name} {size}" for name, size in summary["sizes"].items())

@@ -29,7 +29,7 @@ import keras
 import mlflow
 import numpy as np
 
-from mnist_mlops import augmentation, checkpoints, data, models, plots, registry, training
+from mnist_mlops import augmentation, checkpoints, data, lineage, models, plots, registry, training
 from mnist_mlops.checkpoints import TrainingCheckpoint
 from mnist_mlops.config import Params, RetrainParams, load_params
 from mnist_mlops.data import load_split
@@ -171,6 +171,8 @@ def main() -> None:
                 checkpoint.epochs_done,
             )
         checkpoint.start(active.info.run_id)
+        # Trained on both: the search already chose the configuration on val.
+        lineage.log_splits(paths, {"train": "training", "val": "training"})
         registered = run(
             params.retrain,
             paths,

@@ -2,7 +2,8 @@
 
 Reads: data/prepared/{train,val}.npz and summary.json. Writes: tuning/best_hparams.json,
 tuning/trials.json, tuning/metrics.json. Keeps its resumable search state in tuning/state/
-(a persistent DVC output: a killed search continues where it stopped on the next `dvc repro`).
+(no DVC output: DVC leaves it alone, so a killed search continues where it stopped on the next
+`dvc repro`, and a fresh clone lacks nothing DVC expects).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import keras
 import mlflow
 import pandas as pd
 
-from mnist_mlops import plots, tuning
+from mnist_mlops import lineage, plots, tuning
 from mnist_mlops.config import TuneParams, load_params
 from mnist_mlops.data import load_split, one_hot, stratified_subset, to_model_input
 from mnist_mlops.errors import PipelineError, exit_on_pipeline_error
@@ -68,6 +69,8 @@ def run(params: TuneParams, paths: ProjectPaths, *, seed: int, run_id: str) -> d
         "epochs_trained": tuner.epochs_trained,
         "train_examples": len(y_train),
     }
+    if best_run_id := tuning.trial_run_id(run_id, best["trial_id"]):
+        mlflow.set_tag("best_trial_run_id", best_run_id)
     write_json(paths.best_hparams, best)
     write_json(paths.tuning / "trials.json", rows)
     write_json(paths.tuning / "metrics.json", summary)
@@ -103,6 +106,7 @@ def main() -> None:
         run_id = active.info.run_id
         if resume_id:
             log.info("resuming the interrupted search of run %s", run_id)
+        lineage.log_splits(paths, {"train": "training", "val": "validation"})
         tuning.save_state(paths.tuning_state, fingerprint, run_id, finished=False)
         best = run(params.tune, paths, seed=params.seed, run_id=run_id)
         tuning.save_state(paths.tuning_state, fingerprint, run_id, finished=True)

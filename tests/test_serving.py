@@ -29,8 +29,8 @@ from mnist_mlops.data import load_mnist, one_hot, to_model_input
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.scoring_server import ScoringServer
 from mnist_serving import inputs, png
-from mnist_serving.errors import InvalidInputError
-from mnist_serving.model import format_predictions
+from mnist_serving.errors import InvalidInputError, ModelFailure
+from mnist_serving.model import DigitClassifier, format_predictions
 
 MNIST_DIR = Path(
     os.environ.get("MNIST_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/mnist")
@@ -401,6 +401,32 @@ def test_invalid_input_is_a_400_with_the_message_alone():
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
 
 
+def test_unforeseen_failures_answer_without_a_traceback(monkeypatch, caplog):
+    """What no check foresaw: a 400 if reading the request fails, a 500 if the model does; the
+    traceback goes to the log only."""
+
+    def broken(value: Any) -> np.ndarray:
+        raise ValueError("/somewhere/on/the/server.py went wrong")
+
+    class FailingModel:
+        def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+            raise RuntimeError("out of memory")
+
+    classifier = DigitClassifier()
+    classifier.model = FailingModel()
+    monkeypatch.setitem(inputs.CONVERTERS, "image", broken)
+    with pytest.raises(InvalidInputError) as refused:
+        classifier.predict(None, {"image": np.zeros((1, 784))})
+    assert refused.value.get_http_status_code() == 400
+    assert "/somewhere" not in refused.value.serialize_as_json()
+    monkeypatch.undo()
+    with pytest.raises(ModelFailure) as failed:
+        classifier.predict(None, {"image": np.zeros((1, 784))})
+    assert failed.value.get_http_status_code() == 500
+    assert "out of memory" not in failed.value.serialize_as_json()
+    assert "Traceback" in caplog.text and "/somewhere/on/the/server.py" in caplog.text
+
+
 def test_format_predictions():
     probabilities = np.eye(10, dtype=np.float32)[[3, 7]]
     result = format_predictions(probabilities)
@@ -479,18 +505,24 @@ def post(
         return response.status, raw.decode(errors="replace")
 
 
-def predictions(server: ScoringServer, payload: Any) -> tuple[np.ndarray, np.ndarray]:
-    status, answer = post(server, payload)
+def predictions(
+    server: ScoringServer, payload: Any, content_type: str = "application/json"
+) -> tuple[np.ndarray, np.ndarray]:
+    status, answer = post(server, payload, content_type)
     assert status == 200, answer
     rows = answer["predictions"]
     return np.array([r["digit"] for r in rows]), np.array([r["probabilities"] for r in rows])
 
 
 def assert_matches_in_process(
-    server: ScoringServer, model: keras.Model, payload: Any, images: np.ndarray
+    server: ScoringServer,
+    model: keras.Model,
+    payload: Any,
+    images: np.ndarray,
+    content_type: str = "application/json",
 ) -> None:
     """The server's answers equal predict_on_batch on the same float32 [N, 28, 28, 1] images."""
-    digits, probabilities = predictions(server, payload)
+    digits, probabilities = predictions(server, payload, content_type)
     expected = model.predict_on_batch(images)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     np.testing.assert_array_equal(digits, expected.argmax(axis=1))
@@ -746,6 +778,17 @@ def test_bad_requests_get_a_400_that_says_why(served, body, message):
     assert "stack_trace" not in answer and "Traceback" not in answer["message"]
     assert "site-packages" not in json.dumps(answer)
     assert server.ping(), "the server still answers /ping"
+
+
+@pytest.mark.slow
+def test_csv_of_base64_pixels_and_pngs(served):
+    server, model, x, _ = served
+    images = x[:3]
+    body = "pixels\n" + "".join(f"{b64(i.tobytes())}\n" for i in images)
+    assert_matches_in_process(server, model, body, to_model_input(images), "text/csv")
+    body = "png\n" + "".join(f"{png_b64(i)}\n" for i in images)
+    converted = np.stack([png_field(png_b64(i)) for i in images])[..., None]
+    assert_matches_in_process(server, model, body, converted, "text/csv")
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from mlflow.types.schema import Array
 
 from mnist_serving.errors import InvalidInputError, ModelFailure
 from mnist_serving.inputs import MAX_BATCH, SIDE, prepare_batch
+from mnist_serving.memory import release_freed_memory
 from mnist_serving.png import MAX_PNG_PIXELS
 
 KERAS_ARTIFACT = "keras_model"
@@ -105,6 +106,8 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         except Exception:
             logger.exception("the model failed on a batch of %d images", len(images))
             raise ModelFailure("the model failed on this batch; the server log has why") from None
+        finally:
+            release_freed_memory()
         return format_predictions(probabilities)
 
 

@@ -1,5 +1,6 @@
 """The served model (mnist_serving): input conversion and validation as plain functions, then a
-real `mlflow models serve` process scoring every request form and refusing bad input with a 400."""
+real `mlflow models serve` process, run with pickle refused, scoring every request form and
+refusing bad input with a 400 whose message comes first, without a traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -25,9 +28,9 @@ from mnist_mlops import registry
 from mnist_mlops.data import load_mnist, one_hot, to_model_input
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.scoring_server import ScoringServer
-from mnist_serving import inputs
-from mnist_serving.inputs import InvalidInputError
-from mnist_serving.model import format_predictions
+from mnist_serving import inputs, png
+from mnist_serving.errors import InvalidInputError, ModelFailure
+from mnist_serving.model import DigitClassifier, format_predictions
 
 MNIST_DIR = Path(
     os.environ.get("MNIST_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/mnist")
@@ -132,9 +135,9 @@ def nested(value: Any, shape: tuple[int, ...] = (28, 28)) -> list:
     return np.full(shape, 0.5).tolist() if value is None else np.full(shape, value).tolist()
 
 
-def with_cell(value: Any) -> list:
-    """28x28 integer zeros with `value` at [3][5]."""
-    rows = np.zeros((28, 28), int).tolist()
+def with_cell(value: Any, fill: float = 0) -> list:
+    """28x28 `fill` (integer zeros by default) with `value` at [3][5]."""
+    rows = np.full((28, 28), fill).tolist()
     rows[3][5] = value
     return rows
 
@@ -152,6 +155,7 @@ BAD_IMAGES = [
     ("strings inside", with_cell("0.5"), r"strings where numbers belong \(such as '0'\)"),
     ("a word inside", with_cell("dark"), r"such as 'dark'"),
     ("booleans", np.zeros((28, 28), bool).tolist(), r"booleans"),
+    ("a boolean among floats", with_cell(True, fill=0.5), r"booleans"),
     ("null inside", with_cell(None), r"nulls"),
     ("ragged rows", [[0.0] * 28] * 27 + [[0.0] * 27], r"nulls|rectangular"),
     ("one number", 0.5, r"got one value"),
@@ -177,7 +181,12 @@ BAD_PIXELS = [
     ("above 255", with_cell(256), r"must be in 0\.\.255, found 0\.\.256"),
     ("negative", with_cell(-1), r"must be in 0\.\.255, found -1\.\.0"),
     ("nan", with_cell(float("nan")), r"NaN or infinity"),
-    ("huge integer", with_cell(10**30), r"out-of-range integers"),
+    ("huge integer", with_cell(10**30), r"an integer out of range \(10{30}\); pixels are"),
+    ("2**63", with_cell(2**63), r"an integer out of range \(9223372036854775808\)"),
+    ("-2**63 - 1", with_cell(-(2**63) - 1), r"an integer out of range \(-9223372036854775809\)"),
+    ("a boolean among integers", with_cell(True), r"booleans where numbers belong"),
+    ("a false among integers", with_cell(False), r"booleans where numbers belong"),
+    ("non-ASCII base64", b64(bytes(784))[:-1] + "\u00a0", r"not valid base64: .* U\+00A0"),
     ("wrong shape", np.zeros((28, 27), int).tolist(), r"shape \[28, 27\]"),
     ("base64 of 783 bytes", b64(bytes(783)), r"decode to 784 bytes .* got 783 bytes"),
     ("malformed base64", "abc$", r"not valid base64"),
@@ -215,9 +224,15 @@ BAD_PNGS = [
     ("truncated", b64(png_bytes(digit_like())[:60]), r"not a decodable PNG image"),
     ("a JPEG", b64(jpeg_bytes()), r"not a PNG file"),
     ("broken chunks", b64(png_bytes(digit_like())[:8] + bytes(80)), r"not a decodable PNG image"),
-    ("too many pixels", b64(png_of_size(5000, 4000)), r"5000x4000, over the limit"),
-    ("too long", "A" * (inputs.MAX_PNG_BASE64_CHARS + 4), r"characters of base64, over the limit"),
+    ("no IHDR", b64(png.PNG_SIGNATURE + bytes(10)), r"IHDR header is missing"),
+    ("non-ASCII", b64(png_bytes(digit_like())) + "\u2028", r"not valid base64: .* U\+2028"),
+    ("too long", "A" * (png.MAX_PNG_BASE64_CHARS + 4), r"characters of base64, over the limit"),
 ]
+
+
+def png_field(value: Any) -> np.ndarray:
+    """A `png` field -> its 28x28 image, the way prepare_batch converts it."""
+    return png.png_to_array(png.read_png_file(value))
 
 
 @pytest.mark.parametrize(
@@ -225,20 +240,18 @@ BAD_PNGS = [
 )
 def test_png_rejects(value, message):
     with pytest.raises(InvalidInputError, match=message):
-        inputs.png_to_array(value)
+        png_field(value)
 
 
 def test_png_accepts_data_urls():
     image = digit_like()
     text = f"data:image/png;base64,{png_b64(image)}"
-    np.testing.assert_allclose(
-        inputs.png_to_array(text), inputs.png_to_array(png_b64(image)), atol=0
-    )
+    np.testing.assert_allclose(png_field(text), png_field(png_b64(image)), atol=0)
 
 
 def test_to_mnist_keeps_mnist_digits_nearly_as_they_are(mnist):
     digits = mnist[2][:200]
-    converted = np.stack([inputs.to_mnist(inputs.decode_png(png_bytes(d))) for d in digits])
+    converted = np.stack([png.to_mnist(png.decode_png(png_bytes(d))) for d in digits])
     assert converted.dtype == np.float32
     assert converted.shape == (200, 28, 28)
     assert np.abs(converted - digits / 255).mean() < 0.002
@@ -248,7 +261,7 @@ def test_to_mnist_keeps_mnist_digits_nearly_as_they_are(mnist):
 def test_to_mnist_normalises_every_variant(mnist, variant):
     digits = mnist[2][:50]
     converted = np.stack(
-        [inputs.to_mnist(inputs.decode_png(png_bytes(PNG_VARIANTS[variant](d)))) for d in digits]
+        [png.to_mnist(png.decode_png(png_bytes(PNG_VARIANTS[variant](d)))) for d in digits]
     )
     assert converted.min() >= 0 and converted.max() <= 1
     assert np.abs(converted - digits / 255).mean() < 0.05, "white on black, like MNIST"
@@ -262,14 +275,14 @@ def test_to_mnist_normalises_every_variant(mnist, variant):
 def test_to_mnist_fits_the_digit_into_20_pixels():
     canvas = np.full((300, 200), 255.0)
     canvas[50:250, 90:110] = 0  # a tall dark bar on white
-    result = inputs.to_mnist(canvas)
+    result = png.to_mnist(canvas)
     rows, cols = np.flatnonzero(result.any(axis=1)), np.flatnonzero(result.any(axis=0))
     assert rows[-1] - rows[0] + 1 == 20
     assert cols[-1] - cols[0] + 1 <= 3
 
 
 def test_to_mnist_returns_blank_for_a_blank_image():
-    assert not inputs.to_mnist(np.full((40, 40), 255.0)).any()
+    assert not png.to_mnist(np.full((40, 40), 255.0)).any()
 
 
 def records(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -291,36 +304,127 @@ def test_prepare_batch_mixes_forms_in_order():
     assert batch.shape == (4, 28, 28, 1) and batch.dtype == np.float32
     for i in range(3):
         np.testing.assert_allclose(batch[i, ..., 0], image / 255, atol=1e-7)
-    np.testing.assert_allclose(
-        batch[3, ..., 0], inputs.to_mnist(image.astype(np.float32)), atol=1e-6
-    )
+    np.testing.assert_allclose(batch[3, ..., 0], png.to_mnist(image.astype(np.float32)), atol=1e-6)
+
+
+def test_prepare_batch_reads_columns_and_tensors():
+    """What MLflow passes for `inputs`/`instances`: a dict of arrays, or one array of images."""
+    x = np.stack([digit_like(), 255 - digit_like()])
+    expected = (x / 255).astype(np.float32)[..., np.newaxis]
+    strings = np.array([b64(i.tobytes()) for i in x])
+    for model_input in (
+        {"pixels": x},
+        {"pixels": strings},
+        {"image": x / 255},
+        x / 255,
+        (x / 255).reshape(2, 784),
+        (x / 255)[..., np.newaxis],
+        [(i / 255).tolist() for i in x],
+    ):
+        np.testing.assert_allclose(inputs.prepare_batch(model_input), expected, atol=1e-7)
+
+
+def png_header_only(width: int, height: int) -> str:
+    """Base64 of a PNG signature and IHDR declaring width x height, then no decodable data."""
+    ihdr = struct.pack(">I4sII5B", 13, b"IHDR", width, height, 8, 0, 0, 0, 0)
+    return b64(png.PNG_SIGNATURE + ihdr + bytes(64))
+
+
+B64_ZEROS = b64(bytes(784))
+SIDE_OF_BUDGET = int(png.MAX_PNG_PIXELS**0.5)
+
+BAD_BATCHES = [
+    ("empty", pd.DataFrame(), r"holds no images"),
+    ("no field", records([{"pixels": [0] * 784}])[[]], r"holds no images"),
+    ("unknown field", records([{"pixel": [0] * 784}]), r"^unknown field 'pixel': each image"),
+    ("an extra field", records([{"pixels": [0] * 784, "id": 3}]), r"^unknown field 'id'"),
+    ("null field", records([{"pixels": [0] * 784}, {"png": None}]), r"record 1 has none of"),
+    (
+        "two fields",
+        records([{"pixels": [0] * 784, "png": "x"}]),
+        r"record 0 has 2 \('pixels', 'png'\) of the fields",
+    ),
+    ("names the record", records([{"pixels": [0] * 784}, {"pixels": [0.5] * 784}]), r"^record 1:"),
+    (
+        "too many",
+        records([{"pixels": [0] * 784}] * (inputs.MAX_BATCH + 1)),
+        rf"^batch of {inputs.MAX_BATCH + 1} images is over the limit of {inputs.MAX_BATCH}",
+    ),
+    (
+        "10,000 base64 strings as a column",
+        {"pixels": np.array([B64_ZEROS] * 10_000)},
+        r"^batch of 10000 images is over the limit of 1024",
+    ),
+    (
+        "columns of different lengths",
+        {"pixels": np.zeros((2, 784), int), "png": np.array(["x"])},
+        r"different numbers of images \('pixels' 2, 'png' 1\)",
+    ),
+    ("one image as a column", {"pixels": np.zeros(784, int)}, r"got shape \[784\] \(one image\?"),
+    ("an unknown column", {"img": np.zeros((1, 784))}, r"^unknown field 'img'"),
+    ("a tensor of one image", np.zeros((28, 28)), r"got shape \[28, 28\] \(one image\?"),
+    ("a tensor of wrong shape", np.zeros((2, 28, 27)), r"must have shape .* \[2, 28, 27\]"),
+    ("a tensor of 0..255", np.full((1, 784), 255.0), r"^record 0: 'image' values must be in"),
+    ("a tensor with NaN", np.full((1, 28, 28, 1), np.nan), r"^record 0: 'image' holds NaN"),
+    ("a tensor over the batch", np.zeros((1025, 784)), r"^batch of 1025 images is over the limit"),
+    ("a scalar", np.array(5.0), r"got a single value"),
+    (
+        "one PNG over the pixel budget",
+        records([{"png": png_header_only(SIDE_OF_BUDGET + 1, SIDE_OF_BUDGET)}]),
+        rf"^record 0: 'png' is {SIDE_OF_BUDGET + 1}x{SIDE_OF_BUDGET} .* over the limit of "
+        rf"{png.MAX_PNG_PIXELS:,} PNG pixels per request",
+    ),
+    (
+        # Header-only PNGs: a decode would fail, so the budget answer shows nothing was decoded.
+        "PNGs over the pixel budget together",
+        records([{"png": png_header_only(SIDE_OF_BUDGET, SIDE_OF_BUDGET // 2)}] * 3),
+        r"^record 2: 'png' is .* which brings the request's PNGs to .* over the limit",
+    ),
+]
 
 
 @pytest.mark.parametrize(
-    ("frame", "message"),
-    [
-        (pd.DataFrame(), r"holds no images"),
-        (records([{"pixels": [0] * 784}])[[]], r"holds no images"),
-        (records([{"pixels": [0] * 784}, {"png": None}]), r"record 1 has none of the fields"),
-        (
-            records([{"pixels": [0] * 784, "png": "x"}]),
-            r"record 0 has 2 \('pixels', 'png'\) of the fields",
-        ),
-        (records([{"pixels": [0] * 784}, {"pixels": [0.5] * 784}]), r"^record 1: 'pixels'"),
-        (
-            records([{"pixels": [0] * 784}] * (inputs.MAX_BATCH + 1)),
-            rf"batch of {inputs.MAX_BATCH + 1} images is over the limit of {inputs.MAX_BATCH}",
-        ),
-    ],
-    ids=["empty", "no known field", "null field", "two fields", "names the record", "too many"],
+    ("model_input", "message"), [c[1:] for c in BAD_BATCHES], ids=[c[0] for c in BAD_BATCHES]
 )
-def test_prepare_batch_rejects(frame, message):
+def test_prepare_batch_rejects(model_input, message):
     with pytest.raises(InvalidInputError, match=message):
-        inputs.prepare_batch(frame)
+        inputs.prepare_batch(model_input)
 
 
-def test_invalid_input_is_a_400():
-    assert InvalidInputError("x").get_http_status_code() == 400
+def test_invalid_input_is_a_400_with_the_message_alone():
+    error = InvalidInputError("record 0: 'png' is an empty string")
+    # What MLflow's scoring server does to an MlflowException from the model before answering:
+    error.message = f"Failed to predict data '{'x' * 5000}'. \nError: {error.message}"
+    assert error.get_http_status_code() == 400
+    answer = json.loads(error.serialize_as_json())
+    assert answer["message"] == "record 0: 'png' is an empty string"
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+def test_unforeseen_failures_answer_without_a_traceback(monkeypatch, caplog):
+    """What no check foresaw: a 400 if reading the request fails, a 500 if the model does; the
+    traceback goes to the log only."""
+
+    def broken(value: Any) -> np.ndarray:
+        raise ValueError("/somewhere/on/the/server.py went wrong")
+
+    class FailingModel:
+        def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+            raise RuntimeError("out of memory")
+
+    classifier = DigitClassifier()
+    classifier.model = FailingModel()
+    monkeypatch.setitem(inputs.CONVERTERS, "image", broken)
+    with pytest.raises(InvalidInputError) as refused:
+        classifier.predict(None, {"image": np.zeros((1, 784))})
+    assert refused.value.get_http_status_code() == 400
+    assert "/somewhere" not in refused.value.serialize_as_json()
+    monkeypatch.undo()
+    with pytest.raises(ModelFailure) as failed:
+        classifier.predict(None, {"image": np.zeros((1, 784))})
+    assert failed.value.get_http_status_code() == 500
+    assert "out of memory" not in failed.value.serialize_as_json()
+    assert "Traceback" in caplog.text and "/somewhere/on/the/server.py" in caplog.text
 
 
 def test_format_predictions():
@@ -341,9 +445,14 @@ class Served(NamedTuple):
     experiment_id: str
 
 
+# Every server here runs with pickle refused: the registered model must load from code.
+NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+
+
 @pytest.fixture(scope="module")
 def served(mnist, tmp_path_factory):
-    """A real server for a small real model, registered as models:/<name>@champion."""
+    """A real server, pickle refused, for a small real model registered as
+    models:/<name>@champion."""
     x_train, y_train, x_test, _ = mnist
     keras.utils.set_random_seed(0)
     model = build_model(**BASELINE_ARCHITECTURE, seed=0)
@@ -364,7 +473,9 @@ def served(mnist, tmp_path_factory):
         MlflowClient().set_registered_model_alias(
             MODEL_NAME, "champion", info.registered_model_version
         )
-        server = ScoringServer(f"models:/{MODEL_NAME}@champion", tracking_uri, store / "server.log")
+        server = ScoringServer(
+            f"models:/{MODEL_NAME}@champion", tracking_uri, store / "server.log", env=NO_PICKLE
+        )
         server.start()
         pids = server.pids()
         try:
@@ -394,18 +505,24 @@ def post(
         return response.status, raw.decode(errors="replace")
 
 
-def predictions(server: ScoringServer, payload: Any) -> tuple[np.ndarray, np.ndarray]:
-    status, answer = post(server, payload)
+def predictions(
+    server: ScoringServer, payload: Any, content_type: str = "application/json"
+) -> tuple[np.ndarray, np.ndarray]:
+    status, answer = post(server, payload, content_type)
     assert status == 200, answer
     rows = answer["predictions"]
     return np.array([r["digit"] for r in rows]), np.array([r["probabilities"] for r in rows])
 
 
 def assert_matches_in_process(
-    server: ScoringServer, model: keras.Model, payload: Any, images: np.ndarray
+    server: ScoringServer,
+    model: keras.Model,
+    payload: Any,
+    images: np.ndarray,
+    content_type: str = "application/json",
 ) -> None:
     """The server's answers equal predict_on_batch on the same float32 [N, 28, 28, 1] images."""
-    digits, probabilities = predictions(server, payload)
+    digits, probabilities = predictions(server, payload, content_type)
     expected = model.predict_on_batch(images)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     np.testing.assert_array_equal(digits, expected.argmax(axis=1))
@@ -415,9 +532,26 @@ def assert_matches_in_process(
 def test_signature_and_metadata_document_the_forms(served):
     server = served.server
     info = mlflow.models.get_model_info(server.model_uri)
-    assert info.signature.inputs.input_names() == list(inputs.FIELDS)
+    assert info.signature.inputs is None, "an input signature would cast or drop fields"
     assert info.signature.outputs.input_names() == ["digit", "probabilities"]
-    assert set(info.metadata["request_forms"]) == {*inputs.FIELDS, "max_batch"}
+    assert set(info.metadata["request_forms"]) == {
+        *inputs.FIELDS,
+        "tensor",
+        "max_batch",
+        "max_png_pixels_per_request",
+    }
+
+
+@pytest.mark.slow
+def test_the_model_is_logged_as_code_not_pickled(served):
+    model_dir = Path(mlflow.artifacts.download_artifacts(served.server.model_uri))
+    pyfunc = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    assert Path(pyfunc["model_code_path"]).name == "model_code.py"
+    assert not list(model_dir.rglob("*.pkl")), "nothing in the model is a pickle"
+    # The server runs with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false and answers.
+    assert served.server.extra_env == NO_PICKLE
+    digits, _ = predictions(served.server, {"dataframe_records": [{"pixels": B64_ZEROS}]})
+    assert digits.shape == (1,)
 
 
 def float_forms(x: np.ndarray) -> dict[str, Any]:
@@ -428,6 +562,11 @@ def float_forms(x: np.ndarray) -> dict[str, Any]:
         "records [784]": {"dataframe_records": [{"image": i.ravel().tolist()} for i in floats]},
         "columns [N,28,28,1]": {"inputs": {"image": floats.tolist()}},
         "columns [N,28,28]": {"inputs": {"image": floats[..., 0].tolist()}},
+        "tensor inputs [N,28,28,1]": {"inputs": floats.tolist()},
+        "tensor inputs [N,28,28]": {"inputs": floats[..., 0].tolist()},
+        "tensor inputs [N,784]": {"inputs": floats.reshape(len(floats), -1).tolist()},
+        "tensor instances [N,28,28,1]": {"instances": floats.tolist()},
+        "tensor instances [N,28,28]": {"instances": floats[..., 0].tolist()},
         "split": {
             "dataframe_split": {"columns": ["image"], "data": [[i.tolist()] for i in floats]}
         },
@@ -441,6 +580,7 @@ def pixel_forms(x: np.ndarray) -> dict[str, Any]:
         "records base64": {"dataframe_records": [{"pixels": b64(i.tobytes())} for i in x]},
         "columns [N,28,28]": {"inputs": {"pixels": x.tolist()}},
         "columns [N,784]": {"inputs": {"pixels": x.reshape(len(x), -1).tolist()}},
+        "columns base64": {"inputs": {"pixels": [b64(i.tobytes()) for i in x]}},
         "instances": {"instances": [{"pixels": i.tolist()} for i in x]},
     }
 
@@ -474,7 +614,7 @@ def test_png_images_over_http(served, variant):
     server, model, x, _ = served
     images = x[32:64]
     pngs = [png_bytes(PNG_VARIANTS[variant](image)) for image in images]
-    converted = np.stack([inputs.to_mnist(inputs.decode_png(p)) for p in pngs])[..., None]
+    converted = np.stack([png.to_mnist(png.decode_png(p)) for p in pngs])[..., None]
     payload = {"dataframe_records": [{"png": b64(p)} for p in pngs]}
     assert_matches_in_process(server, model, payload, converted)
     digits, _ = predictions(server, payload)
@@ -489,7 +629,7 @@ def test_png_columns_and_mixed_records_over_http(served):
     images = x[64:70]
     pngs = [png_b64(i) for i in images]
     columns = {"inputs": {"png": pngs}}
-    converted = np.stack([inputs.png_to_array(p) for p in pngs])[..., None]
+    converted = np.stack([png_field(p) for p in pngs])[..., None]
     assert_matches_in_process(server, model, columns, converted)
     mixed = {
         "dataframe_records": [
@@ -526,8 +666,9 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("unknown top-level field", {"records": [{"pixels": [0] * 784}]}, r"exactly one of"),
     ("two top-level fields", {"inputs": {}, "instances": []}, r"exactly one of"),
     ("records not a list", {"dataframe_records": {"pixels": [0]}}, r"list of records"),
-    ("misspelt field", record(pixel=[0] * 784), r"holds no images"),
-    ("misspelt column", {"inputs": {"img": [[0.0] * 784]}}, r"holds no images"),
+    ("misspelt field", record(pixel=[0] * 784), r"^unknown field 'pixel': each image is given"),
+    ("an extra field", record(pixels=[0] * 784, id=3), r"^unknown field 'id'"),
+    ("misspelt column", {"inputs": {"img": [[0.0] * 784]}}, r"^unknown field 'img'"),
     ("empty batch", {"dataframe_records": []}, r"holds no images"),
     ("an empty record", {"dataframe_records": [{}]}, r"holds no images"),
     ("two forms in a record", record(pixels=[0] * 784, png="x"), r"has 2 \('pixels', 'png'\)"),
@@ -555,7 +696,23 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("float pixels", record(pixels=nested(0.5)), r"must be integers 0\.\.255"),
     ("pixels above 255", record(pixels=with_cell(300)), r"found 0\.\.300"),
     ("negative pixels", record(pixels=with_cell(-3)), r"found -3\.\.0"),
-    ("huge integer pixel", record(pixels=with_cell(10**40)), r"out-of-range integers"),
+    ("huge integer pixel", record(pixels=with_cell(10**40)), r"an integer out of range \(10{40}\)"),
+    (
+        "2**63 among pixels",
+        record(pixels=with_cell(2**63)),
+        r"^record 0: 'pixels' holds an integer out of range \(9223372036854775808\)",
+    ),
+    ("a true among pixels", record(pixels=with_cell(True)), r"^record 0: 'pixels' holds booleans"),
+    (
+        "non-ASCII in base64 pixels",
+        record(pixels=B64_ZEROS[:-1] + "\u00a0"),
+        r"^record 0: 'pixels' is not valid base64: character 1047 is U\+00A0",
+    ),
+    (
+        "non-ASCII in base64 png",
+        record(png="\u00a0" + b64(png_bytes(digit_like()))),
+        r"^record 0: 'png' is not valid base64: character 0 is U\+00A0",
+    ),
     ("pixels of wrong size", record(pixels=[0] * 783), r"shape \[783\]"),
     ("short raw pixels", record(pixels=b64(bytes(700))), r"got 700 bytes"),
     ("malformed base64 pixels", record(pixels="AAA*"), r"not valid base64"),
@@ -563,6 +720,11 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("undecodable png", record(png=b64(b"\x89PNG\r\n\x1a\n" + bytes(50))), r"not a decodable PNG"),
     ("a JPEG as png", record(png=b64(jpeg_bytes())), r"not a PNG file"),
     ("png too large", record(png=b64(png_of_size(4097, 4097))), r"over the limit"),
+    (
+        "16 PNGs of 4096x4096",
+        {"dataframe_records": [{"png": b64(png_of_size(4096, 4096))}] * 16},
+        r"^record 1: 'png' is 4096x4096 .* over the limit of 16,777,216 PNG pixels per request",
+    ),
     ("empty png", record(png=""), r"empty string"),
     ("a number as png", record(png=5), r"must be a base64 string"),
     (
@@ -571,6 +733,28 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
         rf"over the limit of {inputs.MAX_BATCH}",
     ),
     ("mixed instances", {"instances": [{"pixels": [0] * 784}, {"png": "x"}]}, r"has 2"),
+    (
+        "10,000 base64 strings as a column",
+        {"inputs": {"pixels": [B64_ZEROS] * 10_000}},
+        r"^batch of 10000 images is over the limit of 1024",
+    ),
+    ("tensor with NaN", {"inputs": [[float("nan")] * 784]}, r"^record 0: 'image' holds NaN"),
+    (
+        "tensor above 1",
+        {"inputs": np.full((2, 784), 2.0).tolist()},
+        r"^record 0: 'image' values must be in \[0, 1\]",
+    ),
+    (
+        "tensor of wrong shape",
+        {"instances": np.zeros((2, 28, 27)).tolist()},
+        r"^an array of images must have shape .* got shape \[2, 28, 27\]",
+    ),
+    ("tensor of one image", {"inputs": np.zeros((28, 28)).tolist()}, r"\(one image\? wrap it"),
+    (
+        "tensor over the batch",
+        {"inputs": np.zeros((inputs.MAX_BATCH + 1, 784)).tolist()},
+        rf"^batch of {inputs.MAX_BATCH + 1} images is over the limit",
+    ),
     ("deep nesting", deeply_nested(100), r"shape|rectangular|nulls"),
 ]
 
@@ -587,8 +771,24 @@ def test_bad_requests_get_a_400_that_says_why(served, body, message):
         "BAD_REQUEST",
         "INVALID_PARAMETER_VALUE",
     ), answer
-    assert re.search(message, answer["message"]), answer["message"][-500:]
+    assert re.search(message, answer["message"]), answer["message"][:500]
+    # The message comes first (no echo of the request before it), and no traceback or
+    # server path comes with it.
+    assert not answer["message"].startswith("Failed to"), answer["message"][:500]
+    assert "stack_trace" not in answer and "Traceback" not in answer["message"]
+    assert "site-packages" not in json.dumps(answer)
     assert server.ping(), "the server still answers /ping"
+
+
+@pytest.mark.slow
+def test_csv_of_base64_pixels_and_pngs(served):
+    server, model, x, _ = served
+    images = x[:3]
+    body = "pixels\n" + "".join(f"{b64(i.tobytes())}\n" for i in images)
+    assert_matches_in_process(server, model, body, to_model_input(images), "text/csv")
+    body = "png\n" + "".join(f"{png_b64(i)}\n" for i in images)
+    converted = np.stack([png_field(png_b64(i)) for i in images])[..., None]
+    assert_matches_in_process(server, model, body, converted, "text/csv")
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ import mnist_serving
 from mnist_mlops.errors import PipelineError
 from mnist_mlops.store import tracking_uri
 from mnist_mlops.tracking import flatten, model_requirements
-from mnist_serving.model import KERAS_ARTIFACT, REQUEST_FORMS, SIGNATURE, DigitClassifier
+from mnist_serving import model_code
+from mnist_serving.model import KERAS_ARTIFACT, REQUEST_FORMS, SIGNATURE
 
 CHAMPION_ALIAS = "champion"
 # A version's progress, shown in `mlflow ui`: `pending` from birth (retrain), `evaluated` once
@@ -43,8 +44,9 @@ def log_serving_model(
     """Log `DigitClassifier` around a Keras model (or a `.keras` file) as artifact `model`.
 
     Logs into the active run, registering a new version of `registered_model_name` if given.
-    The `mnist_serving` package goes with the model as code, so a served version keeps the
-    validation it was logged with.
+    The model is logged from code (`mnist_serving/model_code.py`), not pickled, and the
+    `mnist_serving` package goes with it, so a served version keeps the validation it was
+    logged with and loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
     """
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model, keras.Model):
@@ -52,13 +54,13 @@ def log_serving_model(
             model.save(path)
         else:
             path = Path(model)
-        # input_example= crashes on mlflow 3.17 (mlflow#16183); the signature and the
-        # metadata document the input, so MLflow's warning about the missing example is noise.
+        # input_example= crashes on mlflow 3.17 (mlflow#16183); the metadata documents the
+        # input, so MLflow's warning about the missing example is noise.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             return mlflow.pyfunc.log_model(
                 name="model",
-                python_model=DigitClassifier(),
+                python_model=model_code.__file__,
                 artifacts={KERAS_ARTIFACT: str(path)},
                 code_paths=[str(Path(mnist_serving.__file__).parent)],
                 signature=SIGNATURE,

@@ -23,7 +23,8 @@ class ScoringServer:
     """`mlflow models serve --env-manager local` on 127.0.0.1, started and stopped by PID.
 
     The command runs uvicorn from the interpreter's bin directory, which therefore goes first
-    on PATH. Output goes to `log_path`, so a failed start can show why.
+    on PATH. Output goes to `log_path`, so a failed start can show why. `env` adds to (or
+    overrides) the environment the server inherits.
     """
 
     def __init__(
@@ -33,8 +34,10 @@ class ScoringServer:
         log_path: Path,
         port: int | None = None,
         startup_timeout: float = 180.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.model_uri = model_uri
+        self.extra_env = env or {}
         self.tracking_uri = tracking_uri
         self.log_path = log_path
         self.port = port or free_port()
@@ -56,6 +59,7 @@ class ScoringServer:
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            **self.extra_env,
         }
         command = [
             sys.executable, "-m", "mlflow", "models", "serve",

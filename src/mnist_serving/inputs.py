@@ -1,13 +1,19 @@
-"""Request validation and conversion: what a client sends -> float32 images [N, 28, 28, 1].
+"""Request validation and conversion: what MLflow hands the model -> float32 images [N, 28, 28, 1].
 
-A request is a batch of at most `MAX_BATCH` images, one record per image. Each record holds
-exactly one of these fields (docs/serving.md has the curl and Python versions):
+A request is a batch of at most `MAX_BATCH` images. The served model has no input signature, so
+MLflow's scoring server casts and drops nothing; after parsing the JSON it passes
+
+    dataframe_records, dataframe_split, CSV   a DataFrame: one row per image, a column per field
+    inputs / instances with named fields      a dict: field -> one value per image (numpy arrays)
+    inputs / instances with a bare array      one array [N, 28, 28, 1], [N, 28, 28] or [N, 784],
+                                              read as a column of `image`
+
+and each image is given by exactly one field (docs/serving.md has the curl and Python versions):
 
     image   28x28 floats in [0, 1], white digit on black, as [28, 28, 1], [28, 28] or [784]
     pixels  28x28 raw pixels, JSON integers 0..255, as [28, 28], [28, 28, 1] or [784]; or a
             base64 string of the 784 bytes (row-major uint8), the compact form for bulk scoring
-    png     a base64 PNG file of any size, grayscale or colour, any background: it is converted
-            to the MNIST convention (white digit on black, fitted into 20x20, centred by mass)
+    png     a base64 PNG file of any size, grayscale or colour, any background (see `png`)
 
 Plain functions, unit-tested without a server; every bad input raises `InvalidInputError`,
 which the scoring server answers with HTTP 400 and the message (naming record, field, problem).
@@ -15,76 +21,56 @@ which the scoring server answers with HTTP 400 and the message (naming record, f
 
 from __future__ import annotations
 
-import binascii
-import io
+import itertools
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from PIL import Image
 
-SIDE = 28
+from mnist_serving import png
+from mnist_serving.base64_text import decode_base64
+from mnist_serving.errors import InvalidInputError
+
+SIDE = png.SIDE
 PIXELS = SIDE * SIDE
 IMAGE_SHAPES = ((SIDE, SIDE, 1), (SIDE, SIDE), (PIXELS,))
 FIELDS = ("image", "pixels", "png")
 # Images per request. Bounds one request's memory and time (1024 images: 1 MiB as base64
 # pixels, 40-150 ms of inference on 2 cores); throughput stops growing well before it.
 MAX_BATCH = 1024
-MAX_PNG_BASE64_CHARS = 8 * 1024 * 1024  # a 6 MiB PNG
-MAX_PNG_PIXELS = 4096 * 4096
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-# MNIST's preprocessing: the digit is scaled to fit a 20x20 box and its centre of mass put at
-# the centre of the 28x28 field (pixel index 14 on both axes, measured on the real data).
-DIGIT_BOX = 20
-CENTRE = 14.0
-INK_THRESHOLD = 0.1  # share of the strongest stroke that counts as ink when finding the digit
-MIN_CONTRAST = 8 / 255  # less than this between ink and background: a blank image
+# What each field's numbers must be, for messages about integers numpy cannot hold.
+_RANGES = {"image": "values are in [0, 1]", "pixels": "pixels are integers 0..255"}
 
 
-class InvalidInputError(MlflowException):
-    """A request the model cannot score; the scoring server answers it with 400 and the message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def prepare_batch(model_input: pd.DataFrame) -> np.ndarray:
-    """Records (one per image, columns `FIELDS`) -> float32 [N, 28, 28, 1] in [0, 1]."""
-    if not isinstance(model_input, pd.DataFrame):
+def prepare_batch(model_input: Any) -> np.ndarray:
+    """What MLflow passes the model (module docstring) -> float32 [N, 28, 28, 1] in [0, 1]."""
+    columns = _columns(model_input)
+    count = len(next(iter(columns.values()))) if columns else 0
+    if count > MAX_BATCH:
         raise InvalidInputError(
-            f"expected a DataFrame of records, got {type(model_input).__name__}"
-        )
-    if len(model_input) > MAX_BATCH:
-        raise InvalidInputError(
-            f"batch of {len(model_input)} images is over the limit of {MAX_BATCH} per request; "
+            f"batch of {count} images is over the limit of {MAX_BATCH} per request; "
             "split it into smaller requests"
         )
-    present = [field for field in FIELDS if field in model_input.columns]
-    if len(model_input) == 0 or not present:
-        # MLflow drops fields the signature does not name, so misspelt fields arrive as nothing.
+    if count == 0:
         raise InvalidInputError(
             "the request holds no images: send a non-empty batch of records, each with exactly "
-            f"one of the fields {_names(FIELDS)} (fields with other names are ignored)"
+            f"one of the fields {_names(FIELDS)}, or an array [N, 28, 28, 1] of 'image's"
         )
-    # to_numpy, not tolist: pandas 3 keeps string columns in Arrow, slow to iterate.
-    columns = {field: model_input[field].to_numpy(dtype=object) for field in present}
-    images = np.empty((len(model_input), SIDE, SIDE, 1), np.float32)
-    for i in range(len(model_input)):
-        given = [field for field in present if not _missing(columns[field][i])]
-        if len(given) != 1:
-            problem = "has none" if not given else f"has {len(given)} ({_names(given)})"
-            raise InvalidInputError(
-                f"record {i} {problem} of the fields {_names(FIELDS)}; give exactly one"
-            )
-        field = given[0]
-        try:
-            images[i, ..., 0] = CONVERTERS[field](columns[field][i])
-        except InvalidInputError as err:
-            raise InvalidInputError(f"record {i}: {err.message}") from None
+    chosen = [_given_field(columns, index) for index in range(count)]
+    values = [_cell(columns[field], index) for index, field in enumerate(chosen)]
+    # PNG headers first: a request over the pixel budget is refused before any decoding.
+    pngs = {
+        index: _convert(index, png.read_png_file, values[index])
+        for index, field in enumerate(chosen)
+        if field == "png"
+    }
+    png.check_pixel_budget(pngs)
+    images = np.empty((count, SIDE, SIDE, 1), np.float32)
+    for index, field in enumerate(chosen):
+        value = pngs.get(index, values[index])
+        images[index, ..., 0] = _convert(index, CONVERTERS[field], value)
     return images
 
 
@@ -102,7 +88,7 @@ def image_to_array(value: Any) -> np.ndarray:
 def pixels_to_array(value: Any) -> np.ndarray:
     """A `pixels` field: 784 integers 0..255, or base64 of 784 bytes -> float32 [28, 28]."""
     if isinstance(value, str):
-        raw = _b64decode(value, "pixels", limit=4 * PIXELS)
+        raw = decode_base64(value, "pixels", limit=4 * PIXELS)
         if len(raw) != PIXELS:
             raise InvalidInputError(
                 f"'pixels' as base64 must decode to {PIXELS} bytes (28x28 uint8, row-major), "
@@ -123,91 +109,95 @@ def pixels_to_array(value: Any) -> np.ndarray:
     return array.reshape(SIDE, SIDE).astype(np.float32) / 255
 
 
-def png_to_array(value: Any) -> np.ndarray:
-    """A `png` field: base64 PNG of any size and colours -> float32 [28, 28] in MNIST form."""
-    if not isinstance(value, str):
+CONVERTERS: dict[str, Callable[[Any], np.ndarray]] = {
+    "image": image_to_array,
+    "pixels": pixels_to_array,
+    "png": png.png_to_array,
+}
+
+
+def _columns(model_input: Any) -> dict[str, Any]:
+    """Field -> one value per image, whichever request form MLflow passed on."""
+    if isinstance(model_input, pd.DataFrame):
+        _check_field_names(model_input.columns)
+        # to_numpy, not tolist: pandas 3 keeps string columns in Arrow, slow to iterate.
+        return {field: model_input[field].to_numpy(dtype=object) for field in model_input.columns}
+    if isinstance(model_input, dict):
+        _check_field_names(model_input)
+        lengths = {field: _column_length(field, value) for field, value in model_input.items()}
+        if len(set(lengths.values())) > 1:
+            counts = ", ".join(f"'{field}' {length}" for field, length in lengths.items())
+            raise InvalidInputError(
+                f"the fields hold different numbers of images ({counts}); give each the same"
+            )
+        return model_input
+    if isinstance(model_input, list) and model_input and isinstance(model_input[0], dict):
+        return _columns(pd.DataFrame(model_input))  # `inputs` as a list of records
+    if isinstance(model_input, list | np.ndarray):
+        return {"image": _image_tensor(model_input)}
+    raise InvalidInputError(
+        f"expected records, named columns or an array of images, got {type(model_input).__name__}"
+    )
+
+
+def _check_field_names(names: Iterable[Any]) -> None:
+    unknown = [name for name in names if name not in FIELDS]
+    if unknown:
+        shown = _names(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise InvalidInputError(
-            f"'png' must be a base64 string of a PNG file, got {_json_type(value)}"
+            f"unknown field {shown}: each image is given by exactly one of {_names(FIELDS)}"
         )
-    return to_mnist(decode_png(_b64decode(value, "png", limit=MAX_PNG_BASE64_CHARS)))
 
 
-CONVERTERS = {"image": image_to_array, "pixels": pixels_to_array, "png": png_to_array}
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> float32 [H, W] luminance 0..255, transparent areas filled with background."""
-    if not data.startswith(PNG_SIGNATURE):
+def _column_length(field: str, column: Any) -> int:
+    """How many images a named column holds; refuses one image given without a batch around it."""
+    if isinstance(column, list | tuple):
+        return len(column)
+    if not isinstance(column, np.ndarray):
         raise InvalidInputError(
-            f"'png' is not a PNG file: it starts with {data[:8]!r}, not the PNG signature"
+            f"'{field}' as a column must be a list with one value per image, got "
+            f"{type(column).__name__}"
         )
+    if column.ndim == 0 or (column.dtype.kind in "biuf" and column.ndim == 1):
+        raise InvalidInputError(
+            f"'{field}' as a column holds one value per image, such as [N, 28, 28] numbers or N "
+            f"strings; got shape {list(column.shape)} (one image? wrap it in a list)"
+        )
+    return len(column)
+
+
+def _image_tensor(tensor: Any) -> np.ndarray:
+    """A bare array of images [N, 28, 28, 1], [N, 28, 28] or [N, 784], read as `image`s."""
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            if image.width * image.height > MAX_PNG_PIXELS:
-                raise InvalidInputError(
-                    f"'png' is {image.width}x{image.height}, over the limit of "
-                    f"{MAX_PNG_PIXELS:,} pixels"
-                )
-            image.load()
-            if image.mode.startswith("I"):  # 16-bit grayscale
-                return np.asarray(image, np.float32) / 257
-            if image.mode in ("L", "1"):  # opaque grayscale, the common case: no colour maths
-                return np.asarray(image.convert("L"), np.float32)
-            rgba = np.asarray(image.convert("RGBA"), np.float32)
-    except InvalidInputError:
-        raise
-    except Exception as err:
-        # Pillow reports corrupt or foreign data with many exception types (OSError,
-        # SyntaxError, ValueError, zlib and struct errors...); for bytes from a request, all
-        # of them mean the same thing to the caller.
-        raise InvalidInputError(f"'png' is not a decodable PNG image: {err}") from None
-    gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma
-    alpha = rgba[..., 3] / 255
-    if alpha.min() < 1:
-        # Transparent pixels carry arbitrary colour (canvas exports store black), so lay the
-        # image on the background that contrasts with its ink.
-        ink = float((gray * alpha).sum() / max(float(alpha.sum()), 1e-6))
-        background = 255.0 if ink < 128 else 0.0
-        gray = gray * alpha + background * (1 - alpha)
-    return gray
+        array = np.asarray(tensor)
+    except (ValueError, TypeError) as err:
+        raise InvalidInputError(f"the images are not a rectangular array: {err}") from None
+    if array.size and (array.ndim < 2 or array.shape[1:] not in IMAGE_SHAPES):
+        got = f"shape {list(array.shape)}" if array.ndim else "a single value"
+        hint = " (one image? wrap it in a list)" if array.shape in IMAGE_SHAPES else ""
+        raise InvalidInputError(
+            f"an array of images must have shape [N, 28, 28, 1], [N, 28, 28] or [N, 784], "
+            f"got {got}{hint}"
+        )
+    return array
 
 
-def to_mnist(gray: np.ndarray) -> np.ndarray:
-    """Any grayscale digit image (0..255) -> float32 [28, 28] in [0, 1] the way MNIST was made.
+def _given_field(columns: dict[str, Any], index: int) -> str:
+    given = [field for field, column in columns.items() if not _missing(_cell(column, index))]
+    if len(given) != 1:
+        problem = "has none" if not given else f"has {len(given)} ({_names(given)})"
+        raise InvalidInputError(
+            f"record {index} {problem} of the fields {_names(FIELDS)}; give exactly one"
+        )
+    return given[0]
 
-    The background is the median of the border; a light one is inverted, so the digit is white
-    on black. The ink is stretched to full contrast, cropped, scaled so its longer side is 20
-    pixels, and placed so that its centre of mass sits at the centre of the 28x28 field (kept
-    inside the field when the mass is far off-centre). An already-MNIST image comes back as it
-    was, up to a one-pixel shift.
-    """
-    border = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
-    background = float(np.median(border))
-    if background > 127.5:
-        gray, background = 255 - gray, 255 - background
-    ink = np.clip(gray - background, 0, None) / 255
-    peak = float(ink.max())
-    canvas = np.zeros((SIDE, SIDE), np.float32)
-    if peak < MIN_CONTRAST:
-        return canvas
-    ink = ink / peak
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
-    height, width = digit.shape
-    if max(height, width) != DIGIT_BOX:
-        scale = DIGIT_BOX / max(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        resized = Image.fromarray(digit).resize(size, Image.Resampling.LANCZOS)
-        digit = np.clip(np.asarray(resized, np.float32), 0, 1)
-        height, width = digit.shape
-    mass = float(digit.sum())
-    centre_y = float(digit.sum(axis=1) @ np.arange(height)) / mass if mass else height / 2
-    centre_x = float(digit.sum(axis=0) @ np.arange(width)) / mass if mass else width / 2
-    top = int(np.clip(round(CENTRE - centre_y), 0, SIDE - height))
-    left = int(np.clip(round(CENTRE - centre_x), 0, SIDE - width))
-    canvas[top : top + height, left : left + width] = digit
-    return canvas
+
+def _convert(index: int, convert: Callable[[Any], Any], value: Any) -> Any:
+    """`convert(value)` for record `index`, its errors named after the record."""
+    try:
+        return convert(value)
+    except InvalidInputError as err:
+        raise InvalidInputError(f"record {index}: {err.reason}") from None
 
 
 def _numeric_array(value: Any, field: str) -> np.ndarray:
@@ -221,6 +211,8 @@ def _numeric_array(value: Any, field: str) -> np.ndarray:
         raise InvalidInputError(f"'{field}' is not a rectangular array of numbers: {err}") from None
     if array.ndim == 0:
         raise InvalidInputError(f"'{field}' must be an array of {PIXELS} numbers, got one value")
+    if isinstance(value, list):
+        _check_json_numbers(value, array, field)
     kind = array.dtype.kind
     if kind in "US":
         raise InvalidInputError(
@@ -231,8 +223,8 @@ def _numeric_array(value: Any, field: str) -> np.ndarray:
         raise InvalidInputError(f"'{field}' holds booleans where numbers belong")
     if kind not in "iuf":
         raise InvalidInputError(
-            f"'{field}' holds nulls, objects, out-of-range integers or rows of different "
-            f"lengths (numpy dtype {array.dtype}); send a rectangular array of numbers"
+            f"'{field}' holds nulls, objects or rows of different lengths (numpy dtype "
+            f"{array.dtype}); send a rectangular array of numbers"
         )
     if array.shape not in IMAGE_SHAPES:
         batch = array.ndim > 1 and any(array.shape[1:] == shape for shape in IMAGE_SHAPES)
@@ -242,6 +234,27 @@ def _numeric_array(value: Any, field: str) -> np.ndarray:
             f"{_names([list(shape) for shape in IMAGE_SHAPES])}{hint}"
         )
     return array
+
+
+def _check_json_numbers(value: list, array: np.ndarray, field: str) -> None:
+    """What numpy hides when it reads JSON numbers: a `true` among numbers becomes 1, and
+    integers beyond 64 bits become floats or objects."""
+    types = set(map(type, _flat(value, array.ndim)))
+    if bool in types:
+        raise InvalidInputError(f"'{field}' holds booleans where numbers belong")
+    if types == {int} and array.dtype.kind != "i":
+        outlier = next(n for n in _flat(value, array.ndim) if not -(2**63) <= n < 2**63)
+        raise InvalidInputError(
+            f"'{field}' holds an integer out of range ({outlier}); {_RANGES[field]}"
+        )
+
+
+def _flat(value: list, depth: int) -> Iterable[Any]:
+    """The elements of a list nested `depth` deep."""
+    items: Iterable[Any] = value
+    for _ in range(depth - 1):
+        items = itertools.chain.from_iterable(items)
+    return items
 
 
 def _non_number(array: np.ndarray) -> str:
@@ -267,45 +280,15 @@ def _first_fraction(array: np.ndarray) -> float:
     return float(fractions.flat[0]) if fractions.size else float(array.flat[0])
 
 
-def _b64decode(text: str, field: str, limit: int) -> bytes:
-    if not text.strip():
-        raise InvalidInputError(f"'{field}' is an empty string")
-    if len(text) > limit:
-        raise InvalidInputError(
-            f"'{field}' is {len(text):,} characters of base64, over the limit of {limit:,}"
-        )
-    try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error:
-        pass
-    # Also accept what browsers and shells produce: data URLs, line-wrapped or URL-safe base64.
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    text = "".join(text.split()).translate(_URLSAFE)
-    try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error as err:
-        raise InvalidInputError(f"'{field}' is not valid base64: {err}") from None
-
-
-_URLSAFE = str.maketrans("-_", "+/")
+def _cell(column: Any, index: int) -> Any:
+    """One image's value; MLflow wraps each value of `inputs` records in a numpy array."""
+    value = column[index]
+    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
 
 
 def _missing(value: Any) -> bool:
     """Whether a cell is empty: pandas fills fields a record lacks with NaN (or None/NA)."""
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list | tuple | np.ndarray):
-        return "an array"
-    return type(value).__name__
 
 
 def _names(items: Any) -> str:

@@ -211,7 +211,8 @@ def test_a_stage_stops_when_its_dvc_process_is_killed(project, spawn):
     stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["retrain"]
     stage["deps"] = ["data/prepared", "tuning/best_hparams.json"]  # the code is not copied
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"retrain": stage}}))
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    dvc_bin = str(Path(sys.executable).parent / "dvc")  # the venv's, also outside `make test`
+    subprocess.run([dvc_bin, "init", "--no-scm", "-q"], cwd=project, check=True)
     dvc = spawn(["dvc", "repro", "retrain"], project)
     _wait_for_epochs(project, dvc, 1)
     stage_pid = int(ProjectPaths(project).stage_lock("retrain").read_text())

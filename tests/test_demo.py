@@ -46,7 +46,7 @@ from mnist_mlops.demo.app import STATIC_DIR
 from mnist_mlops.errors import PipelineError
 from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.scoring_server import SERVER_HOST, ScoringServer
-from mnist_serving.inputs import png_to_array
+from mnist_serving.png import decode_png, to_mnist
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -255,7 +255,8 @@ def render(strokes: list[Stroke]) -> str:
 
 def read_in_process(model: keras.Model, png: str) -> np.ndarray:
     """The model's ten probabilities for a base64 PNG, converted as the served model does."""
-    return model.predict_on_batch(png_to_array(png)[np.newaxis, ..., np.newaxis])[0]
+    image = to_mnist(decode_png(base64.b64decode(png)))
+    return model.predict_on_batch(image[np.newaxis, ..., np.newaxis])[0]
 
 
 # --- the page -----------------------------------------------------------------------------------

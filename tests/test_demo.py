@@ -27,7 +27,6 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
-from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -36,15 +35,14 @@ from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from support import REPO_ROOT
+from support import REPO_ROOT, register_small_champion
 
 from mnist_mlops import registry
 from mnist_mlops.config import load_params
-from mnist_mlops.data import load_mnist, one_hot, to_model_input
+from mnist_mlops.data import load_mnist
 from mnist_mlops.demo.__main__ import champion_uri
 from mnist_mlops.demo.app import STATIC_DIR
 from mnist_mlops.errors import PipelineError
-from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
 from mnist_mlops.scoring_server import SERVER_HOST, ScoringServer
 from mnist_serving.png import decode_png, to_mnist
 
@@ -104,27 +102,15 @@ class Demo(NamedTuple):
 def registered(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registered:
     """A small CNN trained on real MNIST, registered under params.yaml's name as @champion."""
     arrays, _ = load_mnist(mnist_dir, mnist_dir, download=False)
-    keras.utils.set_random_seed(0)
-    model = build_model(**BASELINE_ARCHITECTURE, seed=0)
-    model.fit(
-        to_model_input(arrays.x_train[:TRAIN_IMAGES]),
-        one_hot(arrays.y_train[:TRAIN_IMAGES]),
-        epochs=1,
-        verbose=0,
-    )
-    store = tmp_path_factory.mktemp("mlflow")
-    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
     name = load_params(REPO_ROOT / "params.yaml").mlflow.registered_model
     previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        experiment_id = mlflow.create_experiment(
-            "demo-test", artifact_location=(store / "mlartifacts").as_uri()
-        )
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = registry.log_serving_model(model, registered_model_name=name)
-        MlflowClient().set_registered_model_alias(
-            name, registry.CHAMPION_ALIAS, info.registered_model_version
+        model, tracking_uri, _ = register_small_champion(
+            arrays.x_train[:TRAIN_IMAGES],
+            arrays.y_train[:TRAIN_IMAGES],
+            tmp_path_factory.mktemp("mlflow"),
+            "demo-test",
+            name,
         )
     finally:
         mlflow.set_tracking_uri(previous_uri)

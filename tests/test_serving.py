@@ -21,12 +21,11 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from mlflow import MlflowClient
 from PIL import Image
+from support import register_small_champion
 
 from mnist_mlops import registry
-from mnist_mlops.data import load_mnist, one_hot, to_model_input
-from mnist_mlops.models import BASELINE_ARCHITECTURE, build_model
+from mnist_mlops.data import load_mnist, to_model_input
 from mnist_mlops.scoring_server import ScoringServer
 from mnist_serving import inputs, png
 from mnist_serving.errors import InvalidInputError, ModelFailure
@@ -454,24 +453,11 @@ def served(mnist, tmp_path_factory):
     """A real server, pickle refused, for a small real model registered as
     models:/<name>@champion."""
     x_train, y_train, x_test, _ = mnist
-    keras.utils.set_random_seed(0)
-    model = build_model(**BASELINE_ARCHITECTURE, seed=0)
-    model.fit(
-        to_model_input(x_train[:TRAIN_IMAGES]), one_hot(y_train[:TRAIN_IMAGES]), epochs=1, verbose=0
-    )
-
     store = tmp_path_factory.mktemp("mlflow")
-    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
     previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        experiment_id = mlflow.create_experiment(
-            "serving-test", artifact_location=(store / "mlartifacts").as_uri()
-        )
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = registry.log_serving_model(model, registered_model_name=MODEL_NAME)
-        MlflowClient().set_registered_model_alias(
-            MODEL_NAME, "champion", info.registered_model_version
+        model, tracking_uri, experiment_id = register_small_champion(
+            x_train[:TRAIN_IMAGES], y_train[:TRAIN_IMAGES], store, "serving-test", MODEL_NAME
         )
         server = ScoringServer(
             f"models:/{MODEL_NAME}@champion", tracking_uri, store / "server.log", env=NO_PICKLE

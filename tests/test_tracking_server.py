@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from support import REPO_ROOT, server_state_dir
 
-from mnist_mlops.scoring_server import free_port
-from mnist_mlops.tracking_server import healthy, postgres_bin_dir, server_url
+from mnist_mlops.scoring_server import free_port, ping
+from mnist_mlops.tracking_server import postgres_bin_dir, server_url
 
 SCRIPT = REPO_ROOT / "scripts" / "tracking_server.py"
 
@@ -77,7 +77,7 @@ def test_the_server_starts_keeps_its_data_across_a_restart_and_stops(state_dir):
     stopped = _script("stop", "--state-dir", state_dir)
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped mlflow server" in stopped.stderr and "stopped PostgreSQL" in stopped.stderr
-    assert not healthy(url)
+    assert not ping(url, path="/health")
     assert not _alive(pid)
     assert not (state_dir / "pgdata" / "postmaster.pid").exists()
     assert not (state_dir / "mlflow.json").exists()

@@ -109,10 +109,11 @@ class ScoringServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def ping(url: str, timeout: float = 2.0) -> bool:
-    """Whether the scoring server at `url` answers its health check."""
+def ping(url: str, timeout: float = 2.0, path: str = "/ping") -> bool:
+    """Whether the server at `url` answers its health check with 200: `/ping` for a scoring
+    server, `/health` for an MLflow tracking server."""
     try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
+        with urllib.request.urlopen(f"{url}{path}", timeout=timeout) as response:
             return response.status == 200
     except OSError:  # URLError, refused connections and timeouts alike
         return False

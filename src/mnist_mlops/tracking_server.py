@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import psutil
 
 from mnist_mlops.errors import PipelineError
 from mnist_mlops.files import read_json, write_json
+from mnist_mlops.scoring_server import ping
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -237,14 +237,6 @@ def _http(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:  # refused, reset, timed out
-        return False
-
-
 def port_free(host: str, port: int) -> bool:
     """Whether `host:port` can be bound (else /health would reach whoever holds it)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -314,7 +306,7 @@ def _start_server(
     write_json(state.pid_file, {"pid": process.pid, "create_time": create_time, "url": url})
     local_url = _http(DEFAULT_HOST if host in ALL_INTERFACES else host, port)
     deadline = time.monotonic() + timeout
-    while not healthy(local_url):
+    while not ping(local_url, path="/health"):
         problem = None
         if process.poll() is not None:
             problem = f"exited with code {process.returncode}"

@@ -216,7 +216,9 @@ def test_a_stage_stops_when_its_dvc_process_is_killed(project, spawn):
     dvc = spawn(["dvc", "repro", "retrain"], project)
     _wait_for_epochs(project, dvc, 1)
     stage_pid = int(ProjectPaths(project).stage_lock("retrain").read_text())
-    assert psutil.Process(stage_pid).ppid() == dvc.pid
+    # dvc runs the command through a shell, which may or may not exec it (bash does, dash
+    # does not): dvc is an ancestor, not always the parent.
+    assert dvc.pid in [parent.pid for parent in psutil.Process(stage_pid).parents()]
 
     dvc.send_signal(signal.SIGKILL)  # the dvc process alone, not its process group
     dvc.wait(timeout=WAIT_S)

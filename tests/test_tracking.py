@@ -7,7 +7,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from mnist_mlops import tracking
-from mnist_mlops.stage_process import ProcessIdentity
+from mnist_mlops.stage_process import ProcessIdentity, start_time
 from mnist_mlops.tracking import model_requirements
 
 
@@ -23,7 +23,7 @@ def test_only_runs_of_ended_processes_are_marked_killed(mlflow_store):
     identities = {
         "alive": ProcessIdentity.current(),
         "ended": ProcessIdentity(
-            ended.pid, ProcessIdentity.current().host, psutil.Process(ended.pid).create_time()
+            ended.pid, ProcessIdentity.current().host, start_time(psutil.Process(ended.pid))
         ),
         "elsewhere": ProcessIdentity(1, "another-host", 0.0),
     }
@@ -83,3 +83,13 @@ def test_a_stage_run_under_dvc_exp_carries_the_experiment_name(
     client = MlflowClient()
     assert client.get_run(run.info.run_id).data.tags["dvc_experiment"] == "wide-search"
     assert "dvc_experiment" not in client.get_run(plain.info.run_id).data.tags
+
+
+def test_a_process_keeps_its_identity_when_the_clock_moves(monkeypatch):
+    """Linux derives the boot time from the wall clock on each read; a live stage whose clock
+    moved must not look gone (its run would be marked KILLED), and one `dvc repro` keeps one id."""
+    identity = ProcessIdentity.current()
+    shifted = psutil.boot_time() + 1.0
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: shifted)
+    assert start_time(psutil.Process()) == identity.started
+    assert identity.is_gone() is False

@@ -38,10 +38,26 @@ from mnist_mlops.paths import ProjectPaths
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How often the watchdog looks at the dvc process: the delay between its death and the stop.
 WATCH_INTERVAL_S = 1.0
-# psutil's start times are floats computed from clock ticks; the same process always gives the
-# same value, a reused PID a different one.
-_START_TIME_TOLERANCE_S = 0.01
+# /proc/<pid>/stat counts a process's start in clock ticks after boot.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 log = logging.getLogger(__name__)
+
+
+def start_time(process: psutil.Process) -> float:
+    """When `process` started, in seconds after boot: the same value every time it is read.
+
+    psutil's `create_time()` adds the boot time, which Linux derives from the wall clock on each
+    read of /proc/stat, so it moves when the clock is adjusted. On the CI machine the stages of
+    one `dvc repro` got two pipeline ids from one `dvc` process, which is what that gives.
+    """
+    try:
+        stat = Path(f"/proc/{process.pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            raise psutil.NoSuchProcess(process.pid) from None
+        return process.create_time()  # no procfs (macOS): psutil's own, from the kernel
+    # The command name (field 2, in parentheses) may hold spaces; starttime is field 22.
+    return int(stat.rsplit(")", 1)[1].split()[19]) / _CLOCK_TICKS
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,7 @@ class ProcessIdentity:
 
     @classmethod
     def current(cls) -> ProcessIdentity:
-        return cls(os.getpid(), socket.gethostname(), psutil.Process().create_time())
+        return cls(os.getpid(), socket.gethostname(), start_time(psutil.Process()))
 
     def tags(self) -> dict[str, str]:
         return dict(zip(self.TAGS, (str(self.pid), self.host, repr(self.started)), strict=True))
@@ -77,7 +93,7 @@ class ProcessIdentity:
         try:
             process = psutil.Process(self.pid)
             return (
-                abs(process.create_time() - self.started) > _START_TIME_TOLERANCE_S
+                start_time(process) != self.started  # the PID now names another process
                 or process.status() == psutil.STATUS_ZOMBIE
             )
         except psutil.NoSuchProcess:

@@ -30,7 +30,7 @@ from mnist_mlops import store
 from mnist_mlops.config import Params
 from mnist_mlops.errors import StageInterrupted
 from mnist_mlops.paths import project_root
-from mnist_mlops.stage_process import ProcessIdentity, dvc_ancestor
+from mnist_mlops.stage_process import ProcessIdentity, dvc_ancestor, start_time
 
 # Requirements recorded with logged models; listing them skips mlflow's slow dependency probe.
 _MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
@@ -109,7 +109,7 @@ def pipeline_run_id() -> str:
     if explicit := os.environ.get("PIPELINE_RUN_ID"):
         return explicit
     if dvc := dvc_ancestor():
-        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{dvc.pid}-{dvc.create_time()}"))
+        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{dvc.pid}-{start_time(dvc)}"))
     return str(uuid.uuid4())
 
 

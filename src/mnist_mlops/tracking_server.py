@@ -38,6 +38,7 @@ import psutil
 from mnist_mlops.errors import PipelineError
 from mnist_mlops.files import read_json, write_json
 from mnist_mlops.scoring_server import ping
+from mnist_mlops.stage_process import start_time
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -257,7 +258,7 @@ def running_server(state: ServerState) -> RunningServer | None:
     try:
         process = psutil.Process(recorded["pid"])
         # The PID of a server that died may since belong to another process.
-        if process.create_time() != recorded["create_time"]:
+        if start_time(process) != recorded["create_time"]:
             return None
     except psutil.NoSuchProcess:
         return None
@@ -302,7 +303,7 @@ def _start_server(
             start_new_session=True,  # outlives this command, and stops as one process group
         )
     server = RunningServer(process.pid, url)
-    create_time = psutil.Process(process.pid).create_time()
+    create_time = start_time(psutil.Process(process.pid))
     write_json(state.pid_file, {"pid": process.pid, "create_time": create_time, "url": url})
     local_url = _http(DEFAULT_HOST if host in ALL_INTERFACES else host, port)
     deadline = time.monotonic() + timeout

@@ -127,6 +127,7 @@ def test_default_hyperparameters_build_the_default_cnn():
     architecture = sample_architecture(hp)
     assert architecture == {
         "family": "cnn",
+        "background_normalization": True,
         "padding": "same",
         "batch_norm": True,
         "dropout": 0.2,

@@ -55,6 +55,7 @@ def tune_params(**overrides) -> TuneParams:
         "search_subset": None,
         "max_conv_mmacs": None,
         "augment": True,
+        "degradation_rate": 0.5,
         "label_smoothing": 0.1,
     }
     return TuneParams(**{**values, **overrides})

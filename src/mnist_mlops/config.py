@@ -63,6 +63,7 @@ class TuneParams(_Section):
     search_subset: PositiveInt | None
     max_conv_mmacs: float | None = Field(gt=0)
     augment: bool
+    degradation_rate: float = Field(ge=0, le=1)
     label_smoothing: float = Field(ge=0, lt=1)
 
 
@@ -70,6 +71,7 @@ class RetrainParams(_Section):
     ensemble_size: PositiveInt
     epochs: PositiveInt
     augment: bool
+    degradation_rate: float = Field(ge=0, le=1)
     lr_schedule: Literal["constant", "cosine"]
     label_smoothing: float = Field(ge=0, lt=1)
     test_time_shift: int = Field(ge=0, le=14)

@@ -17,6 +17,7 @@ import numpy as np
 
 from mnist_mlops.augmentation import fit_data
 from mnist_mlops.data import NUM_CLASSES
+from mnist_serving.layers import BackgroundNormalization
 
 INPUT_SHAPE = (28, 28, 1)
 POOL_SIZE = 2
@@ -50,6 +51,7 @@ def build_model(
     learning_rate: float = 1e-3,
     decay_steps: int | None = None,
     label_smoothing: float = 0.0,
+    background_normalization: bool = False,
     seed: int | None = None,
 ) -> keras.Model:
     """Build and compile a classifier.
@@ -69,6 +71,8 @@ def build_model(
         _check_conv_shapes(conv_filters, convs_per_block, kernel_size, padding)
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     x = inputs
+    if background_normalization:
+        x = BackgroundNormalization(name="background_normalization")(x)
     if family == "cnn":
         for i, filters in enumerate(conv_filters):
             for j in range(convs_per_block):
@@ -197,6 +201,9 @@ def sample_architecture(hp: kt.HyperParameters) -> dict[str, Any]:
     family = hp.Choice("family", ["cnn", "mlp"], default="cnn")
     architecture: dict[str, Any] = {
         "family": family,
+        # Not searched: on validation with held-out corruptions it lifted the mean accuracy from
+        # 0.938 to 0.967 at the same clean accuracy (docs/robustness.md).
+        "background_normalization": True,
         "padding": "same",  # so three 5x5 blocks still leave a 3x3 map
         "batch_norm": hp.Boolean("batch_norm", default=True),
         "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.2),
@@ -270,9 +277,10 @@ class MnistHyperModel(kt.HyperModel):
     `max_conv_mmacs` caps a CNN's conv cost (million multiply-accumulates per image): a trial
     drawing a costlier architecture fails at once, recorded with the reason, instead of
     spending the search budget on a model the retrain budget could not afford.
-    `augment` and `label_smoothing` train each trial as the retrain stage trains the winner
-    (random affine copies of the images; smoothed targets), so trials are ranked by how they
-    learn under that regime rather than by how fast they fit the raw images.
+    `augment`, `degradation_rate` and `label_smoothing` train each trial as the retrain stage
+    trains the winner (random affine and degraded copies of the images; smoothed targets), so
+    trials are ranked by how they learn under that regime rather than by how fast they fit the
+    raw images.
     """
 
     def __init__(
@@ -280,12 +288,14 @@ class MnistHyperModel(kt.HyperModel):
         seed: int,
         max_conv_mmacs: float | None = None,
         augment: bool = False,
+        degradation_rate: float = 0.0,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(name="mnist")
         self.seed = seed
         self.max_conv_mmacs = max_conv_mmacs
         self.augment = augment
+        self.degradation_rate = degradation_rate
         self.label_smoothing = label_smoothing
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
@@ -312,7 +322,14 @@ class MnistHyperModel(kt.HyperModel):
                     f"= {self.max_conv_mmacs}"
                 )
         data_seed = self.seed if self.augment else None
-        batches = fit_data(x, y, sample_batch_size(hp), data_seed=data_seed, augment=self.augment)
+        batches = fit_data(
+            x,
+            y,
+            sample_batch_size(hp),
+            data_seed=data_seed,
+            augment=self.augment,
+            degradation_rate=self.degradation_rate,
+        )
         return model.fit(**batches, **kwargs)
 
 

@@ -59,6 +59,7 @@ def fit(
     callbacks: list[keras.callbacks.Callback],
     data_seed: int | None = None,
     augment: bool = False,
+    degradation_rate: float = 0.0,
     initial_epoch: int = 0,
 ) -> dict[str, list[float]]:
     """Train on uint8 image arrays for `epochs` epochs; return the per-epoch history.
@@ -77,6 +78,7 @@ def fit(
             batch_size,
             data_seed=data_seed,
             augment=augment,
+            degradation_rate=degradation_rate,
             first_epoch=initial_epoch,
         ),
         validation_data=(to_model_input(val[0]), one_hot(val[1])) if val is not None else None,

@@ -184,6 +184,7 @@ def make_tuner(
             seed,
             max_conv_mmacs=params.max_conv_mmacs,
             augment=params.augment,
+            degradation_rate=params.degradation_rate,
             label_smoothing=params.label_smoothing,
         ),
         "objective": OBJECTIVE,

@@ -34,6 +34,7 @@ from mlflow.types.schema import Array
 
 from mnist_serving.errors import InvalidInputError, ModelFailure
 from mnist_serving.inputs import MAX_BATCH, SIDE, prepare_batch
+from mnist_serving.layers import BackgroundNormalization
 from mnist_serving.memory import release_freed_memory
 from mnist_serving.png import MAX_PNG_PIXELS
 
@@ -71,7 +72,10 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         # A .keras file is a zip of JSON config and weights; safe_mode refuses the one part
         # that would run code from the file (lambda layers), so nothing here unpickles.
         self.model = keras.models.load_model(
-            context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True
+            context.artifacts[KERAS_ARTIFACT],
+            custom_objects={"BackgroundNormalization": BackgroundNormalization},
+            compile=False,
+            safe_mode=True,
         )
         # Two batch sizes make TensorFlow retrace once with a dynamic batch dimension; without
         # this the first requests of each new size pay 50-70 ms of tracing.

@@ -93,6 +93,7 @@ def run(
                 callbacks=[EpochMetricsLogger(run_id), checkpoint.callback(i)],
                 data_seed=member_seed,
                 augment=params.augment,
+                degradation_rate=params.degradation_rate,
                 initial_epoch=i * epochs + done,
             )
         members.append(member)

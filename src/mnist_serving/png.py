@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from mnist_serving.base64_text import decode_base64
 from mnist_serving.errors import InvalidInputError
@@ -31,8 +32,27 @@ _IHDR = struct.Struct(">I4sII")  # chunk length, chunk type, width, height
 # the centre of the 28x28 field (pixel index 14 on both axes, measured on the real data).
 DIGIT_BOX = 20
 CENTRE = 14.0
-INK_THRESHOLD = 0.1  # share of the strongest stroke that counts as ink when finding the digit
-MIN_CONTRAST = 8 / 255  # less than this between ink and background: a blank image
+# The paper: a surface a + b*y + c*x + d*x*y (uneven light across a photo), fitted by least
+# squares to the pixels that do not look like ink, refitted this many times.
+PAPER_FITS = 3
+PAPER_SAMPLES = 128  # the fit reads at most this many rows and columns (strided): cost bounded
+# A pixel departs from the paper when it differs by more than this (0..255) and by more than
+# NOISE_FACTOR times the paper's noise (robust standard deviation of the paper's pixels).
+MIN_CONTRAST = 8.0
+NOISE_FACTOR = 5.0
+# Ink is measured as a share of the light range left to it, at least this wide (0..255).
+MIN_ROOM = 64.0
+INK_PERCENTILE = 99  # the ink is stretched so that this percentile of its pixels becomes 1.0
+INK_THRESHOLD = 0.1  # share of full ink that counts as a pixel of the digit, for its box
+# A piece of ink smaller than this share of the largest piece is a speck (dust, noise), not
+# part of the digit; a broken MNIST stroke is far larger.
+SPECK_SHARE = 0.05
+# A digit is one piece or a few: its largest holds at least this share of its ink (45% or more
+# on all 10,000 MNIST test digits; under 26% for salt-and-pepper noise), and more pixels than a
+# speck has.
+DIGIT_SHARE = 0.3
+MAX_SPECK_PIXELS = 4
+_EIGHT_NEIGHBOURS = np.ones((3, 3), bool)
 
 
 @dataclass(frozen=True)
@@ -115,31 +135,29 @@ def decode_png(data: bytes) -> np.ndarray:
 def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Any grayscale digit image (0..255) -> float32 [28, 28] in [0, 1] the way MNIST was made.
 
-    The background is the median of the border; a light one is inverted, so the digit is white
-    on black. The ink is stretched to full contrast, cropped, scaled so its longer side is 20
-    pixels, and placed so that its centre of mass sits at the centre of the 28x28 field (kept
-    inside the field when the mass is far off-centre). An already-MNIST image comes back as it
-    was, up to a one-pixel shift.
+    The paper is fitted as a smooth surface (so uneven light is removed) and the ink is what
+    departs from it, on the side with more strong departures: dark ink on light paper, light on
+    dark, or on grey paper alike. The ink is stretched to full contrast, specks apart from the
+    digit are dropped, and the digit is cropped, scaled so its longer side is 20 pixels and
+    placed with its centre of mass at the centre of the 28x28 field (kept inside the field when
+    the mass is far off-centre). An image with no ink comes back blank; an already-MNIST image
+    comes back as it was, up to a one-pixel shift.
     """
-    border = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
-    background = float(np.median(border))
-    if background > 127.5:
-        gray, background = 255 - gray, 255 - background
-    ink = np.clip(gray - background, 0, None) / 255
-    peak = float(ink.max())
     canvas = np.zeros((SIDE, SIDE), np.float32)
-    if peak < MIN_CONTRAST:
+    ink = ink_map(np.asarray(gray, np.float32))
+    digit = None if ink is None else _digit(ink)
+    if digit is None:
         return canvas
-    ink = ink / peak
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+    rows = np.flatnonzero((digit > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((digit > INK_THRESHOLD).any(axis=0))
+    digit = digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = digit.shape
     if max(height, width) != DIGIT_BOX:
         scale = DIGIT_BOX / max(height, width)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         resized = Image.fromarray(digit).resize(size, Image.Resampling.LANCZOS)
-        digit = np.clip(np.asarray(resized, np.float32), 0, 1)
+        # Scaling a thin stroke down spreads it over fewer, fainter pixels: stretch again.
+        digit = _stretched(np.clip(np.asarray(resized, np.float32), 0, None))
         height, width = digit.shape
     mass = float(digit.sum())
     centre_y = float(digit.sum(axis=1) @ np.arange(height)) / mass if mass else height / 2
@@ -148,6 +166,100 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     left = int(np.clip(round(CENTRE - centre_x), 0, SIDE - width))
     canvas[top : top + height, left : left + width] = digit
     return canvas
+
+
+def ink_map(gray: np.ndarray) -> np.ndarray | None:
+    """Grayscale 0..255 -> the ink, float32 in [0, 1] (1: full ink), or None without any ink.
+
+    The ink is the side of the paper with more strong departures: noise departs to both sides
+    alike, ink to one. A fixed threshold (a light background is inverted) cannot tell a grey
+    paper's dark ink from a dark paper's light ink.
+    """
+    paper, noise = fit_paper(gray)
+    departure = gray - paper
+    strong = max(MIN_CONTRAST, NOISE_FACTOR * noise)
+    lighter = int(np.count_nonzero(departure > strong))
+    darker = int(np.count_nonzero(departure < -strong))
+    if lighter == darker == 0:
+        return None
+    # Ink takes away a share of the light the paper would give back (or adds a share of what it
+    # lacks): relative to the paper, a stroke is as strong in a dim corner as in a bright one.
+    if lighter > darker:
+        ink, room = departure, 255 - paper
+    else:
+        ink, room = -departure, paper
+    room = np.maximum(room, MIN_ROOM)
+    # What the paper's noise alone reaches is not ink (MNIST's background is exactly 0).
+    floor = 2 * noise
+    ink = np.clip(ink - floor, 0, None) / room
+    return _stretched(ink, (strong - floor) / room)
+
+
+def fit_paper(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """The paper under the ink: the surface a + b*y + c*x + d*x*y (float32, like `gray`) and
+    the paper's noise (robust standard deviation, 0..255).
+
+    Each fit leaves out the pixels the previous one found far from the paper, which the ink is;
+    the first starts from a flat paper at the image's median.
+    """
+    height, width = gray.shape
+    row_step, col_step = -(-height // PAPER_SAMPLES), -(-width // PAPER_SAMPLES)
+    sample = gray[::row_step, ::col_step].ravel().astype(np.float64)
+    ys = np.linspace(-1, 1, height)
+    xs = np.linspace(-1, 1, width)
+    y, x = np.meshgrid(ys[::row_step], xs[::col_step], indexing="ij")
+    terms = np.stack([np.ones(y.size), y.ravel(), x.ravel(), (x * y).ravel()], axis=1)
+    coefficients = np.array([np.median(sample), 0, 0, 0])
+    for _ in range(PAPER_FITS + 1):
+        residual = sample - terms @ coefficients
+        noise = _robust_std(residual)
+        paper = np.abs(residual) <= max(MIN_CONTRAST, 3 * noise)
+        if np.count_nonzero(paper) < len(coefficients):
+            break
+        # Least squares by its normal equations: a 4x4 system, however many pixels.
+        fitted = terms[paper]
+        coefficients = np.linalg.lstsq(fitted.T @ fitted, fitted.T @ sample[paper])[0]
+    noise = _robust_std((sample - terms @ coefficients)[paper])
+    a, b, c, d = coefficients.astype(np.float32)
+    column = ys.astype(np.float32)[:, None]
+    row = xs.astype(np.float32)[None, :]
+    return a + b * column + (c + d * column) * row, noise
+
+
+def _robust_std(values: np.ndarray) -> float:
+    """The standard deviation of the bulk of `values`, which a minority of ink does not move."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def _stretched(ink: np.ndarray, least: float | np.ndarray = 0.0) -> np.ndarray:
+    """`ink` scaled so its INK_PERCENTILE-th percentile (of the pixels above `least`) is 1."""
+    strokes = ink[ink > least]
+    if strokes.size == 0:
+        return ink
+    top = float(np.percentile(strokes, INK_PERCENTILE))
+    return np.clip(ink / top, 0, 1).astype(np.float32)
+
+
+def _digit(ink: np.ndarray) -> np.ndarray | None:
+    """`ink` less its specks: the pieces (8-connected) with under SPECK_SHARE of the largest
+    piece's ink. None when what is left is dust, not a digit: the largest piece is a speck
+    itself (MAX_SPECK_PIXELS) or holds under DIGIT_SHARE of the ink left (salt-and-pepper
+    noise: hundreds of specks alike)."""
+    pieces, count = ndimage.label(ink > INK_THRESHOLD, structure=_EIGHT_NEIGHBOURS)
+    if count == 0:
+        return None
+    index = np.arange(1, count + 1)
+    masses = ndimage.sum_labels(ink, pieces, index=index)
+    largest = int(index[masses.argmax()])
+    kept = masses >= SPECK_SHARE * masses.max()
+    if (
+        np.count_nonzero(pieces == largest) <= MAX_SPECK_PIXELS
+        or masses.max() < DIGIT_SHARE * masses[kept].sum()
+    ):
+        return None
+    # Faint pixels between pieces belong to no piece; they stay when next to a kept one.
+    near = ndimage.binary_dilation(np.concatenate([[False], kept])[pieces], _EIGHT_NEIGHBOURS)
+    return np.where(near, ink, 0).astype(np.float32)
 
 
 def _json_type(value: Any) -> str:

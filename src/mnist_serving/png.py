@@ -157,7 +157,8 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         resized = Image.fromarray(digit).resize(size, Image.Resampling.LANCZOS)
         # Scaling a thin stroke down spreads it over fewer, fainter pixels: stretch again.
-        digit = _stretched(np.clip(np.asarray(resized, np.float32), 0, None))
+        digit = np.maximum(np.asarray(resized, np.float32), 0)
+        digit = _stretched(digit, digit > 0)
         height, width = digit.shape
     mass = float(digit.sum())
     centre_y = float(digit.sum(axis=1) @ np.arange(height)) / mass if mass else height / 2
@@ -173,26 +174,30 @@ def ink_map(gray: np.ndarray) -> np.ndarray | None:
 
     The ink is the side of the paper with more strong departures: noise departs to both sides
     alike, ink to one. A fixed threshold (a light background is inverted) cannot tell a grey
-    paper's dark ink from a dark paper's light ink.
+    paper's dark ink from a dark paper's light ink. (In place where it can: a 4096x4096 image
+    has 64 MiB in each float32 copy.)
     """
     paper, noise = fit_paper(gray)
-    departure = gray - paper
+    ink = gray - paper
     strong = max(MIN_CONTRAST, NOISE_FACTOR * noise)
-    lighter = int(np.count_nonzero(departure > strong))
-    darker = int(np.count_nonzero(departure < -strong))
-    if lighter == darker == 0:
+    lighter = ink > strong
+    darker = ink < -strong
+    if lighter.sum() > darker.sum():
+        strokes, room = lighter, np.subtract(255, paper, out=paper)
+    else:
+        strokes, room = darker, paper
+        np.negative(ink, out=ink)
+    del lighter, darker
+    if not strokes.any():
         return None
     # Ink takes away a share of the light the paper would give back (or adds a share of what it
     # lacks): relative to the paper, a stroke is as strong in a dim corner as in a bright one.
-    if lighter > darker:
-        ink, room = departure, 255 - paper
-    else:
-        ink, room = -departure, paper
-    room = np.maximum(room, MIN_ROOM)
+    np.maximum(room, MIN_ROOM, out=room)
     # What the paper's noise alone reaches is not ink (MNIST's background is exactly 0).
-    floor = 2 * noise
-    ink = np.clip(ink - floor, 0, None) / room
-    return _stretched(ink, (strong - floor) / room)
+    ink -= 2 * noise
+    np.maximum(ink, 0, out=ink)
+    ink /= room
+    return _stretched(ink, strokes)
 
 
 def fit_paper(gray: np.ndarray) -> tuple[np.ndarray, float]:
@@ -231,35 +236,34 @@ def _robust_std(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def _stretched(ink: np.ndarray, least: float | np.ndarray = 0.0) -> np.ndarray:
-    """`ink` scaled so its INK_PERCENTILE-th percentile (of the pixels above `least`) is 1."""
-    strokes = ink[ink > least]
-    if strokes.size == 0:
-        return ink
-    top = float(np.percentile(strokes, INK_PERCENTILE))
-    return np.clip(ink / top, 0, 1).astype(np.float32)
+def _stretched(ink: np.ndarray, strokes: np.ndarray) -> np.ndarray:
+    """`ink` (float32, changed in place) scaled so that the INK_PERCENTILE-th percentile of its
+    `strokes` (a mask) is 1, and clipped there."""
+    top = float(np.percentile(ink[strokes], INK_PERCENTILE)) if strokes.any() else 0.0
+    if top > 0:
+        ink /= top
+    return np.clip(ink, 0, 1, out=ink)
 
 
 def _digit(ink: np.ndarray) -> np.ndarray | None:
-    """`ink` less its specks: the pieces (8-connected) with under SPECK_SHARE of the largest
-    piece's ink. None when what is left is dust, not a digit: the largest piece is a speck
-    itself (MAX_SPECK_PIXELS) or holds under DIGIT_SHARE of the ink left (salt-and-pepper
-    noise: hundreds of specks alike)."""
+    """`ink` (changed in place) less its specks: the pieces (8-connected) with under
+    SPECK_SHARE of the largest piece's ink. None when what is left is dust, not a digit: the
+    largest piece is a speck itself (MAX_SPECK_PIXELS) or holds under DIGIT_SHARE of the ink
+    left (salt-and-pepper noise: hundreds of specks alike)."""
     pieces, count = ndimage.label(ink > INK_THRESHOLD, structure=_EIGHT_NEIGHBOURS)
     if count == 0:
         return None
-    index = np.arange(1, count + 1)
-    masses = ndimage.sum_labels(ink, pieces, index=index)
-    largest = int(index[masses.argmax()])
-    kept = masses >= SPECK_SHARE * masses.max()
+    masses = np.bincount(pieces.ravel(), weights=ink.ravel(), minlength=count + 1)
+    masses[0] = 0  # not a piece: the paper
+    largest = int(masses.argmax())
+    specks = masses < SPECK_SHARE * masses[largest]
     if (
         np.count_nonzero(pieces == largest) <= MAX_SPECK_PIXELS
-        or masses.max() < DIGIT_SHARE * masses[kept].sum()
+        or masses[largest] < DIGIT_SHARE * masses[~specks].sum()
     ):
         return None
-    # Faint pixels between pieces belong to no piece; they stay when next to a kept one.
-    near = ndimage.binary_dilation(np.concatenate([[False], kept])[pieces], _EIGHT_NEIGHBOURS)
-    return np.where(near, ink, 0).astype(np.float32)
+    ink[specks[pieces] & (pieces > 0)] = 0
+    return ink
 
 
 def _json_type(value: Any) -> str:

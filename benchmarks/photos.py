@@ -63,10 +63,12 @@ def conversion_table(digits: np.ndarray) -> None:
 def presence_table(x_test: np.ndarray, fields: int) -> None:
     print("| images | digit found |")
     print("|---|---|")
-    sent = presence.digits_found(x_test / 255)
-    print(f"| MNIST test digits as sent (`pixels`) | {sent.sum():,} of {len(x_test):,} |")
-    through_png = presence.digits_found(converted(list(x_test)))
-    print(f"| MNIST test digits through the PNG conversion | {through_png.sum():,} of {len(x_test):,} |")  # fmt: skip
+    for how, images in (
+        ("as sent (`pixels`)", x_test / 255),
+        ("through the PNG conversion", converted(list(x_test))),
+    ):
+        found = presence.digits_found(images).sum()
+        print(f"| MNIST test digits {how} | {found:,} of {len(x_test):,} |")
     rng = np.random.default_rng(0)
     for name, make in NO_DIGIT_CASES.items():
         images = [make(rng) for _ in range(fields)]

@@ -14,8 +14,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from photo_cases import NO_DIGIT_CASES, PHOTO_CASES
+from PIL import Image
 from support import register_small_champion
 
 from mnist_mlops.data import load_mnist, to_model_input

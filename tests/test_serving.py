@@ -668,6 +668,23 @@ def test_png_images_over_http(served, variant):
 
 
 @pytest.mark.slow
+def test_every_answer_says_whether_it_found_a_digit(served):
+    server, _, x, _ = served
+    blank_png = png_b64(np.full((50, 40), 128, np.uint8))
+    payload = {
+        "dataframe_records": [
+            {"png": png_b64(255 - x[0])},
+            {"png": blank_png},
+            {"pixels": x[1].tolist()},
+            {"image": np.zeros((28, 28)).tolist()},
+        ]
+    }
+    status, answer = post(server, payload)
+    assert status == 200, answer
+    assert [row["digit_found"] for row in answer["predictions"]] == [True, False, True, False]
+
+
+@pytest.mark.slow
 def test_png_columns_and_mixed_records_over_http(served):
     server, model, x, _ = served
     images = x[64:70]

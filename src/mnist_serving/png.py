@@ -2,9 +2,10 @@
 
 A PNG of any size, grayscale or colour, any background, is converted the way MNIST was made
 (white digit on black, fitted into 20x20, centred by mass): the paper is fitted as a smooth
-surface and the ink is what departs from it, on whichever side (`to_mnist`). Decoding costs CPU and memory in
-proportion to the pixels, so a request's PNGs may hold `MAX_PNG_PIXELS` in all; the sizes come
-from the PNG headers, so an over-budget request is refused before any pixel is decoded.
+surface and the ink is what departs from it, on whichever side (`to_mnist`). Decoding costs
+CPU and memory in proportion to the pixels, so a request's PNGs may hold `MAX_PNG_PIXELS` in
+all; the sizes come from the PNG headers, so an over-budget request is refused before any pixel
+is decoded.
 """
 
 from __future__ import annotations

@@ -416,6 +416,28 @@ def test_page_says_when_the_model_server_is_down(demo, browser, drawable, model_
     assert reading(browser)["state"] == "answered"
 
 
+# Drawings that hold no digit: a dot, and a patch scribbled over (zigzag strokes, solid ink).
+NOT_DIGITS = {
+    "dot": [((140, 140), (141, 140))],
+    "scribble": [((80, y), (200, y + 8)) for y in range(80, 200, 12)],
+}
+
+
+@needs_chromium
+@pytest.mark.slow
+@pytest.mark.parametrize("drawing", list(NOT_DIGITS))
+def test_page_says_no_digit_found_for_a_dot_or_a_scribble(demo, browser, drawing):
+    status, answer = post_json(f"{demo.url}/api/predict", {"png": render(NOT_DIGITS[drawing])})
+    assert status == 200 and answer["digit_found"] is False, answer
+    browser.get(demo.url)
+    draw(browser, NOT_DIGITS[drawing], interaction.POINTER_MOUSE)
+    page = reading(browser)
+    assert (page["state"], page["status"], page["answer"]) == ("no-digit", "No digit found", "")
+    assert not page["statusIsError"]
+    assert page["probabilities"] == [None] * 10
+    assert page["barLengths"] == [0] * 10
+
+
 @pytest.mark.slow
 def test_proxy_refuses_requests_without_a_png_drawing(demo):
     status, answer = post_json(f"{demo.url}/api/predict", {"image": [0.0] * 784})
@@ -442,6 +464,7 @@ def test_demo_serves_the_champion_itself_and_stops_it_on_exit(registered, tmp_pa
         assert status == 200, answer
         expected = read_in_process(registered.model, png)
         assert answer["digit"] == int(expected.argmax())
+        assert answer["digit_found"] is True
         np.testing.assert_allclose(answer["probabilities"], expected, atol=1e-5)
     finally:
         code = stop_demo(running.process)

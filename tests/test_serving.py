@@ -27,7 +27,7 @@ from support import register_small_champion
 from mnist_mlops import registry
 from mnist_mlops.data import load_mnist, to_model_input
 from mnist_mlops.scoring_server import ScoringServer
-from mnist_serving import inputs, png
+from mnist_serving import inputs, png, presence
 from mnist_serving.errors import InvalidInputError, ModelFailure
 from mnist_serving.model import DigitClassifier, format_predictions
 
@@ -284,6 +284,63 @@ def test_to_mnist_returns_blank_for_a_blank_image():
     assert not png.to_mnist(np.full((40, 40), 255.0)).any()
 
 
+@pytest.mark.parametrize("background", [0, 100, 128, 160, 255])
+def test_to_mnist_finds_light_and_dark_ink_on_any_background(background):
+    """Polarity comes from which side of the paper the ink departs to, not from a threshold."""
+    for ink in (background - 90, background + 90):
+        if not 0 <= ink <= 255:
+            continue
+        canvas = np.full((60, 40), float(background))
+        canvas[10:50, 18:22] = ink  # a tall bar, light or dark
+        result = png.to_mnist(canvas)
+        assert result.max() == 1.0
+        assert result[:, 14].sum() > 15, f"ink {ink} on {background}: the bar is the digit"
+        assert result[:, :10].max() == 0, "the background stays black"
+
+
+def test_to_mnist_leaves_out_specks_and_dust():
+    canvas = np.full((100, 100), 200.0)
+    canvas[20:80, 45:52] = 30  # a bar
+    canvas[5, 5] = canvas[90, 95] = 30  # two specks of dust
+    result = png.to_mnist(canvas)
+    cols = np.flatnonzero(result.any(axis=0))
+    assert cols[-1] - cols[0] + 1 <= 4, "the specks do not widen the digit's box"
+    dust = np.full((100, 100), 200.0)
+    dust[np.random.default_rng(0).random(dust.shape) < 0.1] = 30  # 10% pepper noise
+    assert not png.to_mnist(dust).any(), "hundreds of specks alike are no digit"
+
+
+def test_presence_finds_every_mnist_test_digit(mnist):
+    """The whole test set, as sent (`pixels`) and through the PNG conversion."""
+    x_test = mnist[2]
+    assert presence.digits_found(x_test / 255).all()
+    converted = np.stack([png.to_mnist(d.astype(np.float32)) for d in x_test[:1000]])
+    assert presence.digits_found(converted).all()
+
+
+def no_digit_images() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    noise = np.clip(rng.normal(0.5, 0.15, (28, 28)), 0, 1)
+    pepper = np.where(rng.random((28, 28)) < 0.2, 1.0, 0.0)
+    disc = (np.hypot(*np.mgrid[-14:14, -14:14]) < 10).astype(float)  # a dot, scaled up
+    speck = np.zeros((28, 28))
+    speck[14, 14] = 1
+    return {
+        "black": np.zeros((28, 28)),
+        "grey": np.full((28, 28), 0.5),
+        "Gaussian noise": noise,
+        "salt": pepper,
+        "dot": disc,
+        "speck": speck,
+        "gradient": np.tile(np.linspace(0, 1, 28), (28, 1)),
+    }
+
+
+@pytest.mark.parametrize("name", list(no_digit_images()))
+def test_presence_finds_no_digit_in(name):
+    assert not presence.digit_found(no_digit_images()[name])
+
+
 def records(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
@@ -428,9 +485,10 @@ def test_unforeseen_failures_answer_without_a_traceback(monkeypatch, caplog):
 
 def test_format_predictions():
     probabilities = np.eye(10, dtype=np.float32)[[3, 7]]
-    result = format_predictions(probabilities)
+    result = format_predictions(probabilities, np.array([True, False]))
     assert [r["digit"] for r in result] == [3, 7]
     assert result[1]["probabilities"] == probabilities[1].tolist()
+    assert [r["digit_found"] for r in result] == [True, False]
     json.dumps(result)  # plain Python types only
 
 
@@ -519,7 +577,7 @@ def test_signature_and_metadata_document_the_forms(served):
     server = served.server
     info = mlflow.models.get_model_info(server.model_uri)
     assert info.signature.inputs is None, "an input signature would cast or drop fields"
-    assert info.signature.outputs.input_names() == ["digit", "probabilities"]
+    assert info.signature.outputs.input_names() == ["digit", "probabilities", "digit_found"]
     assert set(info.metadata["request_forms"]) == {
         *inputs.FIELDS,
         "tensor",
@@ -607,6 +665,23 @@ def test_png_images_over_http(served, variant):
     raw_digits = model.predict_on_batch(to_model_input(images)).argmax(axis=1)
     # A 1-epoch model is unsure of some digits, so resampling may flip a few of them.
     assert np.sum(digits == raw_digits) >= 26, "PNGs are read as the same digits as the arrays"
+
+
+@pytest.mark.slow
+def test_every_answer_says_whether_it_found_a_digit(served):
+    server, _, x, _ = served
+    blank_png = png_b64(np.full((50, 40), 128, np.uint8))
+    payload = {
+        "dataframe_records": [
+            {"png": png_b64(255 - x[0])},
+            {"png": blank_png},
+            {"pixels": x[1].tolist()},
+            {"image": np.zeros((28, 28)).tolist()},
+        ]
+    }
+    status, answer = post(server, payload)
+    assert status == 200, answer
+    assert [row["digit_found"] for row in answer["predictions"]] == [True, False, True, False]
 
 
 @pytest.mark.slow

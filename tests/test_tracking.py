@@ -15,7 +15,7 @@ def test_model_requirements_pin_the_active_keras_backend():
     pins = dict(requirement.split("==") for requirement in model_requirements())
     backend = keras.backend.backend()
     assert pins[backend] == metadata.version(backend)
-    assert {"mlflow", "keras", "numpy", "pillow"} <= pins.keys()
+    assert {"mlflow", "keras", "numpy", "pillow", "scipy"} <= pins.keys()
 
 
 def test_only_runs_of_ended_processes_are_marked_killed(mlflow_store):

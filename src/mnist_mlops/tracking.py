@@ -33,7 +33,8 @@ from mnist_mlops.paths import project_root
 from mnist_mlops.stage_process import ProcessIdentity, dvc_ancestor, start_time
 
 # Requirements recorded with logged models; listing them skips mlflow's slow dependency probe.
-_MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow")
+# The served model's own code needs pillow (PNG decoding) and scipy (mnist_serving's ink pieces).
+_MODEL_REQUIREMENTS = ("mlflow", "keras", "numpy", "pillow", "scipy")
 # MLflow 3's UI opens an experiment without this tag on its (empty) GenAI overview.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"

@@ -9,7 +9,8 @@ set to false.
 Records go as `{"dataframe_records": [{"pixels": [...]}, {"png": "..."}]}`, a batch of one form
 as columns (`{"inputs": {"image": x.tolist()}}`), or MLflow's tensor form
 (`{"inputs": x.tolist()}`) for x of shape [N, 28, 28, 1]. Each answer is
-`{"digit": d, "probabilities": [p0, ..., p9]}`.
+`{"digit": d, "probabilities": [p0, ..., p9], "digit_found": true}`: `digit_found` is false for
+an image that holds no digit (blank, uniform, noise; `presence`), whose `digit` means nothing.
 
 The signature describes the output only. An input signature makes MLflow cast the request
 before the model sees it, which hides integer/float/string mix-ups and NaN from validation (a
@@ -37,6 +38,7 @@ from mnist_serving.inputs import MAX_BATCH, SIDE, prepare_batch
 from mnist_serving.layers import BackgroundNormalization
 from mnist_serving.memory import release_freed_memory
 from mnist_serving.png import MAX_PNG_PIXELS
+from mnist_serving.presence import digits_found
 
 KERAS_ARTIFACT = "keras_model"
 # Images per predict_on_batch call. A call's activations are allocated per image and the
@@ -46,7 +48,11 @@ PREDICT_CHUNK = 128
 
 SIGNATURE = ModelSignature(
     outputs=Schema(
-        [ColSpec(DataType.long, "digit"), ColSpec(Array(DataType.float), "probabilities")]
+        [
+            ColSpec(DataType.long, "digit"),
+            ColSpec(Array(DataType.float), "probabilities"),
+            ColSpec(DataType.boolean, "digit_found"),
+        ]
     ),
 )
 # The input, which MLflow's signature cannot express (see above); stored in the MLmodel file.
@@ -112,7 +118,7 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
             raise ModelFailure("the model failed on this batch; the server log has why") from None
         finally:
             release_freed_memory()
-        return format_predictions(probabilities)
+        return format_predictions(probabilities, digits_found(images))
 
 
 def predict_in_chunks(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -127,12 +133,15 @@ def predict_in_chunks(model: keras.Model, images: np.ndarray) -> np.ndarray:
     )
 
 
-def format_predictions(probabilities: np.ndarray) -> list[dict[str, Any]]:
-    """[N, 10] probabilities -> per image `{"digit": d, "probabilities": [p0, ..., p9]}`."""
+def format_predictions(probabilities: np.ndarray, found: np.ndarray) -> list[dict[str, Any]]:
+    """[N, 10] probabilities and [N] digit found -> per image
+    `{"digit": d, "probabilities": [p0, ..., p9], "digit_found": bool}`."""
     # A list, not a DataFrame: the scoring server turns a DataFrame into these same records
     # first, which doubles the cost of the response (10 of 20 ms for 1024 images).
     digits = probabilities.argmax(axis=1).tolist()
     return [
-        {"digit": digit, "probabilities": row}
-        for digit, row in zip(digits, probabilities.tolist(), strict=True)
+        {"digit": digit, "probabilities": row, "digit_found": found_one}
+        for digit, row, found_one in zip(
+            digits, probabilities.tolist(), found.tolist(), strict=True
+        )
     ]

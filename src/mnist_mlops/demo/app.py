@@ -3,7 +3,8 @@ model server and answers with its reading.
 
 The page posts `{"png": "<base64 PNG>"}` (its canvas as it is: the served model converts any
 PNG to MNIST form). The proxy sends it as one record, `{"dataframe_records": [{"png": ...}]}`,
-to `<model_url>/invocations` and answers `{"digit": d, "probabilities": [p0, ..., p9]}`, or an
+to `<model_url>/invocations` and answers `{"digit": d, "probabilities": [p0, ..., p9],
+"digit_found": bool}` (false: the drawing holds no digit, such as a dot or a scribble), or an
 `{"error": message}` the page shows: 400 for a request the page or the model refuses, 503 when
 the model server does not answer, 502 when it answers with a failure or something unexpected.
 """
@@ -87,6 +88,8 @@ def forward(invocations: str, png: str, timeout: float) -> tuple[int, dict[str, 
         return 200, {
             "digit": int(prediction["digit"]),
             "probabilities": [float(p) for p in prediction["probabilities"]],
+            # A version registered before the served model judged this answers without it.
+            "digit_found": bool(prediction.get("digit_found", True)),
         }
     except (ValueError, KeyError, IndexError, TypeError):
         log.warning("unexpected answer from the model server: %.200r", raw)

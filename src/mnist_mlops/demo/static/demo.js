@@ -6,6 +6,7 @@ const LINE_WIDTH = 20; // on the 280 px canvas: about MNIST's stroke for a digit
 const DEBOUNCE_MS = 150; // while drawing, read once the pointer rests this long
 const INK = "#000000";
 const PAPER = "#ffffff";
+const NO_DIGIT = "No digit found"; // the served model's digit_found is false: a dot, a scribble
 
 const canvas = document.getElementById("pad");
 const pen = canvas.getContext("2d", { willReadFrequently: true });
@@ -95,8 +96,14 @@ async function read() {
   if (ticket === latest) show(reply);
 }
 
-function show({ digit = null, probabilities = null, error = null, message = "" }) {
-  document.body.dataset.state = error ? "error" : digit === null ? "idle" : "answered";
+function show(reply) {
+  // The served model still names a digit for a drawing that holds none: show no answer.
+  if (reply.digit_found === false) {
+    show({ state: "no-digit", message: NO_DIGIT });
+    return;
+  }
+  const { digit = null, probabilities = null, error = null, message = "", state = null } = reply;
+  document.body.dataset.state = state || (error ? "error" : digit === null ? "idle" : "answered");
   const sure = digit === null ? "" : `${(100 * probabilities[digit]).toFixed(0)}% sure`;
   statusLine.textContent = error || message || `The model reads a ${digit} (${sure})`;
   statusLine.classList.toggle("error", Boolean(error));

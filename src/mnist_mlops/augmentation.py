@@ -1,5 +1,5 @@
 """Training-time data augmentation: random small rotations, shifts and zooms of digit images,
-in seeded, resumable training batches.
+and random degradations (noise, blur, tint, erasing, lines...), in seeded, resumable batches.
 
 Lives in the input pipeline (not in the models), so saved models hold no training-only layers.
 Used by `training.fit` (baseline, retrain) and by the tuner's trials (`models.MnistHyperModel`).

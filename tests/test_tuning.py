@@ -56,6 +56,8 @@ def tune_params(**overrides) -> TuneParams:
         "max_conv_mmacs": None,
         "augment": True,
         "label_smoothing": 0.1,
+        "workers": 1,
+        "trial_lease_s": 600,
     }
     return TuneParams(**{**values, **overrides})
 

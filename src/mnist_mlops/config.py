@@ -64,6 +64,8 @@ class TuneParams(_Section):
     max_conv_mmacs: float | None = Field(gt=0)
     augment: bool
     label_smoothing: float = Field(ge=0, lt=1)
+    workers: PositiveInt
+    trial_lease_s: PositiveInt
 
 
 class RetrainParams(_Section):

@@ -104,6 +104,10 @@ def _serve_workers(
     """Be the chief of `params.workers` local workers (and any started elsewhere) until the
     search is over; return the number of training examples."""
     tuning.declare_search_space(tuner)
+    # What Keras Tuner's chief does first: the tuner's file (tuner0.json, the chief keeping the
+    # single process's default id) is what makes a restarted tuner reload the oracle, so a
+    # killed search resumes whether it ran in one process or with workers, before and after.
+    tuner.save()
     oracle = distributed.LeasedOracle(tuner.oracle, params.trial_lease_s, run_id)
     address, local_host = distributed.chief_address()
     with distributed.oracle_server(oracle, address) as port:

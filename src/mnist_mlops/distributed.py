@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import keras_tuner as kt
@@ -255,13 +255,20 @@ def oracle_server(oracle: LeasedOracle, address: str) -> Iterator[int]:
         server.stop(grace=1).wait()
 
 
-def chief_address() -> tuple[str, str]:
-    """Where the chief listens (KERASTUNER_ORACLE_IP/PORT, by default 127.0.0.1 and any free
-    port) and the host its local workers call."""
-    host = os.environ.get(ORACLE_IP_VARIABLE, "127.0.0.1")
-    port = os.environ.get(ORACLE_PORT_VARIABLE, "0")
+class ChiefAddress(NamedTuple):
+    listen: str  # host:port, port 0: any free one
+    local_host: str  # the host the chief's own workers call
+
+
+def take_chief_address() -> ChiefAddress:
+    """Where the chief listens: KERASTUNER_ORACLE_IP and _PORT (default 127.0.0.1, any free
+    port), removed from this process's environment with KERASTUNER_TUNER_ID: seeing them, Keras
+    Tuner would make the chief's own tuner a client of itself, or demand a tuner id."""
+    host = os.environ.pop(ORACLE_IP_VARIABLE, "127.0.0.1")
+    port = os.environ.pop(ORACLE_PORT_VARIABLE, "0")
+    os.environ.pop(TUNER_ID_VARIABLE, None)
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
-    return f"{host}:{port}", local
+    return ChiefAddress(f"{host}:{port}", local)
 
 
 def serve_until_finished(oracle: LeasedOracle, workers: Sequence[subprocess.Popen]) -> None:

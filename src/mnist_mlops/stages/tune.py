@@ -39,14 +39,16 @@ log = logging.getLogger(STAGE)
 def run(params: TuneParams, paths: ProjectPaths, *, seed: int, run_id: str) -> dict[str, Any]:
     """Run or continue the search, logging into tune run `run_id`; return the best config."""
     seed_everything(seed)
+    # Taken before the tuner is made: the chief's own tuner keeps a local oracle.
+    address = distributed.take_chief_address() if params.workers > 1 else None
     tuner = tuning.make_tuner(params, seed, paths.tuning_state, run_id)
     tuner.search_space_summary()
     started = time.monotonic()
-    if params.workers == 1:
+    if address is None:
         train_examples = _search(tuner, params, paths, seed)
         epochs_trained = tuner.epochs_trained
     else:
-        train_examples = _serve_workers(tuner, params, paths, run_id)
+        train_examples = _serve_workers(tuner, params, paths, run_id, address)
         epochs_trained = tuning.epochs_trained_since(run_id, started_ms=_epoch_ms(started))
     seconds = time.monotonic() - started
     try:
@@ -99,7 +101,11 @@ def _search(
 
 
 def _serve_workers(
-    tuner: tuning.MlflowTrialsMixin, params: TuneParams, paths: ProjectPaths, run_id: str
+    tuner: tuning.MlflowTrialsMixin,
+    params: TuneParams,
+    paths: ProjectPaths,
+    run_id: str,
+    address: distributed.ChiefAddress,
 ) -> int:
     """Be the chief of `params.workers` local workers (and any started elsewhere) until the
     search is over; return the number of training examples."""
@@ -109,11 +115,10 @@ def _serve_workers(
     # killed search resumes whether it ran in one process or with workers, before and after.
     tuner.save()
     oracle = distributed.LeasedOracle(tuner.oracle, params.trial_lease_s, run_id)
-    address, local_host = distributed.chief_address()
-    with distributed.oracle_server(oracle, address) as port:
+    with distributed.oracle_server(oracle, address.listen) as port:
         mlflow.set_tag(distributed.ORACLE_PORT_TAG, str(port))
-        log.info("chief of the search on %s (workers: KERASTUNER_ORACLE_PORT=%d)", address, port)
-        with distributed.local_workers(params.workers, local_host, port, run_id) as workers:
+        log.info("chief of the search on %s, port %d", address.listen, port)
+        with distributed.local_workers(params.workers, address.local_host, port, run_id) as workers:
             distributed.serve_until_finished(oracle, workers)
     available = len(load_split(paths.require(paths.split("train")))[1])
     return min(params.search_subset or available, available)

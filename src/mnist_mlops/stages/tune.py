@@ -43,13 +43,13 @@ def run(params: TuneParams, paths: ProjectPaths, *, seed: int, run_id: str) -> d
     address = distributed.take_chief_address() if params.workers > 1 else None
     tuner = tuning.make_tuner(params, seed, paths.tuning_state, run_id)
     tuner.search_space_summary()
-    started = time.monotonic()
+    started, started_ms = time.monotonic(), int(time.time() * 1000)
     if address is None:
         train_examples = _search(tuner, params, paths, seed)
         epochs_trained = tuner.epochs_trained
     else:
         train_examples = _serve_workers(tuner, params, paths, run_id, address)
-        epochs_trained = tuning.epochs_trained_since(run_id, started_ms=_epoch_ms(started))
+        epochs_trained = tuning.epochs_trained_since(run_id, started_ms)
     seconds = time.monotonic() - started
     try:
         best = tuning.best_configuration(tuner)
@@ -122,11 +122,6 @@ def _serve_workers(
             distributed.serve_until_finished(oracle, workers)
     available = len(load_split(paths.require(paths.split("train")))[1])
     return min(params.search_subset or available, available)
-
-
-def _epoch_ms(monotonic_s: float) -> int:
-    """A time.monotonic() reading as milliseconds since the epoch (MLflow's run start times)."""
-    return int((time.time() - (time.monotonic() - monotonic_s)) * 1000)
 
 
 def _log_summary(best: dict[str, Any], rows: list[dict[str, Any]], summary: dict) -> None:

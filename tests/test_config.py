@@ -57,6 +57,13 @@ def test_unknown_section_and_non_positive_values():
     assert "prepare.val_size" in str(err.value)
 
 
+def test_a_search_needs_a_worker_and_a_positive_lease():
+    raw = merged_params({"tune": {"workers": 0, "trial_lease_s": 0}})
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert "tune.workers" in str(err.value) and "tune.trial_lease_s" in str(err.value)
+
+
 def test_missing_and_malformed_files(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")

@@ -57,6 +57,8 @@ def tune_params(**overrides) -> TuneParams:
         "augment": True,
         "degradation_rate": 0.5,
         "label_smoothing": 0.1,
+        "workers": 1,
+        "trial_lease_s": 600,
     }
     return TuneParams(**{**values, **overrides})
 
@@ -300,3 +302,7 @@ def test_changed_params_start_a_fresh_search(tmp_path, mlflow_store):
         tuning.search_fingerprint(tune_params(), 0, "data-2"),
     }
     assert len(fingerprints) == 4
+    # How the search runs is not what it finds: a new worker count or lease keeps the search.
+    assert tuning.search_fingerprint(
+        tune_params(workers=4, trial_lease_s=60), 0, "data-1"
+    ) == tuning.search_fingerprint(tune_params(), 0, "data-1")

@@ -65,6 +65,8 @@ class TuneParams(_Section):
     augment: bool
     degradation_rate: float = Field(ge=0, le=1)
     label_smoothing: float = Field(ge=0, lt=1)
+    workers: PositiveInt
+    trial_lease_s: PositiveInt
 
 
 class RetrainParams(_Section):

@@ -11,6 +11,9 @@ death of the `dvc` process that started it, and recognisable afterwards as alive
 - under `dvc`, a watchdog thread stops the stage when that `dvc` process is gone: DVC leaves its
   running stage behind when it is killed itself (kill -9, or a CI timeout that signals one PID).
 
+`worker_process(parent_pid)` does the same for a process that a stage starts to help it (tune's
+workers): the stop signals, and a stop when that stage's process is gone; no lock.
+
 `ProcessIdentity` (PID, host, start time) is recorded on every stage run, so that a later run of
 the stage can tell the run of a process that died from the run of one still working.
 """
@@ -134,6 +137,18 @@ def single_stage_process(stage: str) -> Callable[[Callable[[], None]], Callable[
 
 
 @contextmanager
+def worker_process(parent_pid: int | None) -> Iterator[None]:
+    """Stop signals raise `StageInterrupted`; with `parent_pid`, so does that process's end (a
+    SIGKILLed chief cannot stop its workers itself)."""
+    with _stop_on_signals():
+        if parent_pid is None or not psutil.pid_exists(parent_pid):
+            yield
+            return
+        with _stop_when_gone(psutil.Process(parent_pid), f"its chief (PID {parent_pid})"):
+            yield
+
+
+@contextmanager
 def _stage_lock(paths: ProjectPaths, stage: str) -> Iterator[None]:
     path = paths.stage_lock(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,9 +199,15 @@ def _stop_with_dvc() -> Iterator[None]:
     if dvc is None:
         yield
         return
+    with _stop_when_gone(dvc, f"its dvc process (PID {dvc.pid})"):
+        yield
+
+
+@contextmanager
+def _stop_when_gone(process: psutil.Process, what: str) -> Iterator[None]:
     done = threading.Event()
     watchdog = threading.Thread(
-        target=_watch, args=(dvc, os.getppid(), done), name="dvc-watchdog", daemon=True
+        target=_watch, args=(process, os.getppid(), what, done), name="watchdog", daemon=True
     )
     watchdog.start()
     try:
@@ -195,13 +216,13 @@ def _stop_with_dvc() -> Iterator[None]:
         done.set()
 
 
-def _watch(dvc: psutil.Process, parent_pid: int, done: threading.Event) -> None:
-    """Send this process SIGTERM once `dvc` is gone (or the direct parent changed: orphaned
+def _watch(process: psutil.Process, parent_pid: int, what: str, done: threading.Event) -> None:
+    """Send this process SIGTERM once `process` is gone (or the direct parent changed: orphaned
     processes are adopted by another), unless the stage finished first."""
     while not done.wait(WATCH_INTERVAL_S):
-        if os.getppid() != parent_pid or not _running(dvc):
+        if os.getppid() != parent_pid or not _running(process):
             global _stop_reason
-            _stop_reason = f"its dvc process (PID {dvc.pid}) is gone"
+            _stop_reason = f"{what} is gone"
             os.kill(os.getpid(), signal.SIGTERM)
             return
 

@@ -3,6 +3,10 @@
 Keras Tuner has no MLflow integration (keras-tuner#494). `MlflowTrialsMixin` hooks the tuner's
 trial life cycle: each trial opens a child run of the tune stage's run, streams its epoch
 metrics there while it trains, and closes it with the trial's status, score, epochs and cost.
+
+The same mixin runs in a single process and on the workers of a distributed search
+(`distributed.py`), where the oracle is Keras Tuner's `OracleClient`: it asks the oracle only
+through calls the client forwards to the chief (`get_trial`, never `oracle.trials`).
 """
 
 from __future__ import annotations
@@ -28,15 +32,20 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mnist_mlops import models
 from mnist_mlops.config import TuneParams
 from mnist_mlops.files import read_json, write_json
-from mnist_mlops.tracking import EpochMetricsLogger, dvc_experiment_tags
+from mnist_mlops.stage_process import ProcessIdentity
+from mnist_mlops.tracking import EpochMetricsLogger, dvc_experiment_tags, end_killed
 
 OBJECTIVE = "val_accuracy"
 PROJECT = "search"
 STATE_FILE = "search.json"
 # Keras Tuner's own "tuner/..." values: Hyperband's bookkeeping, not hyperparameters.
 TUNER_KEYS = "tuner/"
+# The last line of a failed trial's error, on its MLflow run.
+ERROR_TAG = "error"
 log = logging.getLogger(__name__)
 _RUN_STATUS = {"COMPLETED": "FINISHED", "FAILED": "FAILED", "INVALID": "FAILED"}
+# Params that say how the search runs, not what it finds: changing them keeps a resumable search.
+EXECUTION_PARAMS = frozenset({"workers", "trial_lease_s"})
 
 
 class MlflowTrialsMixin:
@@ -44,6 +53,7 @@ class MlflowTrialsMixin:
 
     parent_run_id: str
     expected_trials: int | None
+    tuner_id: str  # Keras Tuner's: KERASTUNER_TUNER_ID, "tuner0" in a single process
     # Epochs trained by this process (a resumed search counts only its own), for throughput.
     epochs_trained: int = 0
 
@@ -52,6 +62,10 @@ class MlflowTrialsMixin:
         client = MlflowClient()
         parent = client.get_run(self.parent_run_id)
         number = int(trial.trial_id) + 1
+        # A run of this trial still RUNNING is an earlier attempt's: its worker died and was
+        # restarted under the same id, or the chief took the trial back when its lease expired.
+        for stale in running_trial_runs(self.parent_run_id, trial.trial_id):
+            end_killed(stale, f"trial {number} was handed to {self.tuner_id} again")
         run = client.create_run(
             parent.info.experiment_id,
             run_name=f"trial_{trial.trial_id}",
@@ -59,6 +73,8 @@ class MlflowTrialsMixin:
                 MLFLOW_PARENT_RUN_ID: self.parent_run_id,
                 "stage": "tune",
                 "trial_id": trial.trial_id,
+                "worker": self.tuner_id,
+                **ProcessIdentity.current().tags(),
                 "pipeline_run_id": parent.data.tags.get("pipeline_run_id", ""),
                 **dvc_experiment_tags(),
                 **_hyperband_tags(trial.hyperparameters.values),
@@ -68,6 +84,7 @@ class MlflowTrialsMixin:
         params = active_hyperparameters(trial.hyperparameters)
         _log_params(run.info.run_id, params)
         trial.mlflow_run_id = run.info.run_id
+        trial.lease_expired = False
         trial.started_at = time.monotonic()
         total = f"/{self.expected_trials}" if self.expected_trials else ""
         log.info("trial %d%s: %s", number, total, json.dumps(params))
@@ -83,7 +100,12 @@ class MlflowTrialsMixin:
             super()._try_run_and_update_trial(trial, *args, **kwargs)  # type: ignore[misc]
         finally:
             kt_config.DEBUG = debug
+        if trial.lease_expired:
+            return
         if trial.message:
+            # Now, before the result goes to the oracle: a chief reads a failed trial's error
+            # from this tag (`Trial.to_proto` drops the message on its way over gRPC).
+            _record_error(trial.mlflow_run_id, trial.message)
             number = int(trial.trial_id) + 1
             refused = trial.status == kt.engine.trial.TrialStatus.FAILED
             report = trial.message.strip().splitlines()[-1] if refused else trial.message
@@ -91,16 +113,32 @@ class MlflowTrialsMixin:
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
         callbacks = [*kwargs.pop("callbacks", []), EpochMetricsLogger(trial.mlflow_run_id)]
-        return super().run_trial(trial, *args, callbacks=callbacks, **kwargs)  # type: ignore[misc]
+        results = super().run_trial(trial, *args, callbacks=callbacks, **kwargs)  # type: ignore[misc]
+        if MlflowClient().get_run(trial.mlflow_run_id).info.status != "RUNNING":
+            # The chief ended this run when the trial's lease expired and handed the trial to
+            # another worker: this late result must not count twice.
+            trial.lease_expired = True
+            raise LeaseExpiredError(f"trial {trial.trial_id}: the chief took it back")
+        return results
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        if trial.lease_expired:
+            log.warning(
+                "trial %d: its lease expired while it trained; result discarded",
+                int(trial.trial_id) + 1,
+            )
+            return
         try:
             super().on_trial_end(trial)  # type: ignore[misc]
         finally:
             # The oracle owns the final status (it turns retries-exhausted INVALID into FAILED).
-            ended = self.oracle.trials[trial.trial_id]  # type: ignore[attr-defined]
+            ended = self.oracle.get_trial(trial.trial_id)  # type: ignore[attr-defined]
             seconds = time.monotonic() - trial.started_at
             self.epochs_trained += _close_trial_run(trial.mlflow_run_id, ended, seconds)
+
+
+class LeaseExpiredError(Exception):
+    """A worker's trial finished after the chief had given up on it."""
 
 
 def _log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -128,11 +166,14 @@ def _close_trial_run(run_id: str, trial: kt.engine.trial.Trial, seconds: float) 
         metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
         tags=[mlflow.entities.RunTag("trial_status", status)],
     )
-    if trial.message:
-        client.set_tag(run_id, "error", trial.message.strip().splitlines()[-1][:4000])
-        client.log_text(run_id, trial.message, "error.txt")
     client.set_terminated(run_id, _RUN_STATUS.get(status, "FAILED"))
     return epochs_run
+
+
+def _record_error(run_id: str, message: str) -> None:
+    client = MlflowClient()
+    client.set_tag(run_id, ERROR_TAG, message.strip().splitlines()[-1][:4000])
+    client.log_text(run_id, message, "error.txt")
 
 
 def _hyperband_tags(values: dict[str, Any]) -> dict[str, str]:
@@ -211,14 +252,20 @@ def make_tuner(
             hyperband_iterations=params.hyperband_iterations,
             **common,
         )
-        expected = _hyperband_trials(tuner.oracle) * params.hyperband_iterations
+        expected = _hyperband_trials(params) * params.hyperband_iterations
     tuner.parent_run_id = parent_run_id
     tuner.expected_trials = expected
     return tuner
 
 
-def _hyperband_trials(oracle: Any) -> int:
-    """How many trials one Hyperband iteration runs (the oracle's own bracket arithmetic)."""
+def _hyperband_trials(params: TuneParams) -> int:
+    """How many trials one Hyperband iteration runs (the oracle's own bracket arithmetic).
+
+    Asked of an oracle of its own: a worker's tuner holds an `OracleClient`, which has none.
+    """
+    oracle = kt.oracles.HyperbandOracle(
+        objective=OBJECTIVE, max_epochs=params.max_epochs, factor=params.factor
+    )
     return sum(
         oracle._get_size(bracket, round_num)
         for bracket in range(oracle._get_num_brackets())
@@ -226,10 +273,23 @@ def _hyperband_trials(oracle: Any) -> int:
     )
 
 
+def declare_search_space(tuner: kt.Tuner) -> None:
+    """Register on the oracle the hyperparameters that the hypermodel only draws in fit().
+
+    Keras Tuner registers those when the first trial ends. With several workers that moment
+    depends on timing, and so would the values drawn before it; declared up front, the
+    sequence of trials depends on the seed alone.
+    """
+    hp = tuner.oracle.get_space()
+    models.sample_batch_size(hp)
+    tuner.oracle.update_space(hp)
+
+
 def search_fingerprint(params: TuneParams, seed: int, data_digest: str) -> str:
     """What the saved oracle state depends on: budget, tuner, seed, data and the space's code.
 
-    Any change starts a fresh search instead of silently continuing an incompatible one.
+    Any change starts a fresh search instead of silently continuing an incompatible one; a
+    change of how it runs (`EXECUTION_PARAMS`: the number of workers, the lease) does not.
     """
     space_code = "".join(
         inspect.getsource(fn)
@@ -243,7 +303,7 @@ def search_fingerprint(params: TuneParams, seed: int, data_digest: str) -> str:
     )
     payload = json.dumps(
         {
-            "tune": params.model_dump(),
+            "tune": params.model_dump(exclude=EXECUTION_PARAMS),
             "seed": seed,
             "data": data_digest,
             "space": space_code,
@@ -297,6 +357,31 @@ def trial_run_id(parent_run_id: str, trial_id: str) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def running_trial_runs(parent_run_id: str, trial_id: str) -> list[str]:
+    """The MLflow runs of trial `trial_id` of search run `parent_run_id` still RUNNING."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
+        f"and tags.trial_id = '{trial_id}' and attributes.status = 'RUNNING'",
+    )
+    return [run.info.run_id for run in runs]
+
+
+def epochs_trained_since(parent_run_id: str, started_ms: int) -> int:
+    """Epochs trained by the trials of search run `parent_run_id` that started at or after
+    `started_ms` (a resumed search counts only its own), whichever worker trained them."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
+        f"and attributes.start_time >= {started_ms}",
+    )
+    return sum(int(run.data.metrics.get("epochs_run", 0)) for run in runs)
 
 
 def trials_table(tuner: kt.Tuner) -> list[dict[str, Any]]:

@@ -14,7 +14,10 @@ import numpy as np
 # varying tint (a grey page, fog, uneven light). Dark ink on light paper takes the upper
 # quartile, the same distance from the paper's side.
 BACKGROUND_QUANTILE = 0.25
-_EPSILON = 1e-3  # a flat image (no ink) stays flat instead of amplifying rounding noise
+# The smallest ink-to-paper contrast stretched to 1: a flat image (no ink) stays flat instead of
+# amplifying rounding noise. Large enough to stay nonzero after int8 quantisation, where a
+# divisor that rounds to zero stops the TFLite interpreter (a blank image did, at 1e-3).
+_MIN_CONTRAST = 0.05
 
 
 @keras.saving.register_keras_serializable(package="mnist_serving")
@@ -45,7 +48,7 @@ class BackgroundNormalization(keras.layers.Layer):
             keras.ops.reshape(v, (-1, 1, 1, 1)) for v in (dark_ink, background, peak)
         )
         light_ink = keras.ops.where(dark_ink, 1.0 - images, images)
-        normalized = (light_ink - background) / keras.ops.maximum(peak - background, _EPSILON)
+        normalized = (light_ink - background) / keras.ops.maximum(peak - background, _MIN_CONTRAST)
         return keras.ops.clip(normalized, 0.0, 1.0)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:

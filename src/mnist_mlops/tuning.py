@@ -348,25 +348,27 @@ def save_state(state_dir: Path, fingerprint: str, run_id: str, finished: bool) -
 
 def trial_run_id(parent_run_id: str, trial_id: str) -> str | None:
     """The MLflow run in which trial `trial_id` of search run `parent_run_id` completed."""
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
-        f"and tags.trial_id = '{trial_id}' and tags.trial_status = 'COMPLETED'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    runs = _trial_runs(parent_run_id, trial_id, "tags.trial_status = 'COMPLETED'", max_results=1)
+    return runs[0] if runs else None
 
 
 def running_trial_runs(parent_run_id: str, trial_id: str) -> list[str]:
     """The MLflow runs of trial `trial_id` of search run `parent_run_id` still RUNNING."""
+    return _trial_runs(parent_run_id, trial_id, "attributes.status = 'RUNNING'")
+
+
+def _trial_runs(
+    parent_run_id: str, trial_id: str, condition: str, max_results: int = 1000
+) -> list[str]:
+    """The ids of the runs of trial `trial_id` under search run `parent_run_id` that meet
+    `condition` (an MLflow filter clause)."""
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
-        f"and tags.trial_id = '{trial_id}' and attributes.status = 'RUNNING'",
+        f"and tags.trial_id = '{trial_id}' and {condition}",
+        max_results=max_results,
     )
     return [run.info.run_id for run in runs]
 

@@ -3,6 +3,7 @@ given recipe and score the clean validation split and its HELD_OUT corruptions (
 set, `robustness.HELD_OUT`). The 15 benchmark corruptions are not touched (docs/robustness.md).
 
     python benchmarks/robustness_levers.py --degradation-rate 0.5
+    python benchmarks/robustness_levers.py --degradation-rate 0.5 --degradation-schedule cosine
     python benchmarks/robustness_levers.py --degradation-rate 0 --epochs 6 --train-images 20000
 
 Reads `data/prepared` (run `dvc repro prepare`) and the architecture in
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from mnist_mlops import models, robustness, training
+from mnist_mlops import augmentation, models, robustness, training
 from mnist_mlops.data import load_split, to_model_input
 from mnist_mlops.files import read_json
 from mnist_mlops.paths import ProjectPaths
@@ -28,11 +29,16 @@ CORRUPTION_SEED = 7  # any seed but the pipeline's: these copies serve choices, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--degradation-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--degradation-schedule", choices=("constant", "cosine"), default="constant"
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-images", type=int, default=20000)
     parser.add_argument("--baseline", action="store_true", help="the baseline CNN")
     parser.add_argument(
-        "--background-normalization", action="store_true", help="BackgroundNormalization first"
+        "--background-normalization",
+        action=argparse.BooleanOptionalAction,
+        help="BackgroundNormalization first, or not (default: as the architecture says)",
     )
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
@@ -46,11 +52,12 @@ def main() -> None:
     else:
         best = read_json(paths.best_hparams)
         architecture, batch_size = best["architecture"], best["batch_size"]
+    if args.background_normalization is not None:
+        architecture["background_normalization"] = args.background_normalization
     model = models.build_model(
         **architecture,
         decay_steps=-(-len(picks) // batch_size) * args.epochs,
         label_smoothing=0.1,
-        background_normalization=args.background_normalization,
         seed=args.seed,
     )
     started = time.perf_counter()
@@ -63,7 +70,11 @@ def main() -> None:
         callbacks=[],
         data_seed=args.seed,
         augment=True,
-        degradation_rate=args.degradation_rate,
+        degradation_rate=(
+            augmentation.cosine_fade(args.degradation_rate, args.epochs)
+            if args.degradation_schedule == "cosine"
+            else args.degradation_rate
+        ),
     )
     result = {**vars(args), "train_seconds": round(time.perf_counter() - started, 1)}
 

@@ -1,9 +1,16 @@
 """Training-time degradations: seeded, bounded, each doing what its name says."""
 
+import itertools
+
 import numpy as np
 import pytest
 
-from mnist_mlops.augmentation import DEGRADATIONS, SeededBatches, random_degradations
+from mnist_mlops.augmentation import (
+    DEGRADATIONS,
+    SeededBatches,
+    cosine_fade,
+    random_degradations,
+)
 
 
 def _digits(n: int = 32) -> np.ndarray:
@@ -68,3 +75,33 @@ def test_batches_degrade_only_with_augment_and_reproducibly():
     np.testing.assert_array_equal(degraded, first_batch(augment=True, degradation_rate=1.0))
     assert not np.allclose(plain, degraded)
     np.testing.assert_array_equal(first_batch(augment=False, degradation_rate=1.0), x)
+
+
+def test_cosine_fade_starts_at_the_rate_halves_midway_and_ends_near_zero():
+    fade = cosine_fade(0.5, epochs=30, first_epoch=60)  # a third ensemble member's epochs
+    rates = [fade(epoch) for epoch in range(60, 90)]
+    assert rates[0] == pytest.approx(0.5) and rates[15] == pytest.approx(0.25)
+    assert 0 < rates[-1] < 0.01
+    assert all(a > b for a, b in itertools.pairwise(rates))
+
+
+def test_batches_take_each_epochs_share_from_a_fade():
+    x = _digits(256)
+
+    def degraded_share(epoch: int) -> float:
+        batches = SeededBatches(
+            x,
+            np.zeros(256),
+            256,
+            seed=3,
+            augment=True,
+            degradation_rate=lambda e: e / 4,
+            first_epoch=epoch,
+        )
+        moved_only = SeededBatches(x, np.zeros(256), 256, seed=3, first_epoch=epoch)
+        changed = np.abs(batches[0][0] - moved_only[0][0]) > 1e-6
+        return changed.any(axis=(1, 2, 3)).mean()
+
+    assert degraded_share(0) == 0
+    assert 0.15 < degraded_share(1) < 0.35
+    assert degraded_share(4) > 0.95  # (a chain can leave an image as it was: an erasure on paper)

@@ -7,6 +7,7 @@ Used by `training.fit` (baseline, retrain) and by the tuner's trials (`models.Mn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -148,6 +149,17 @@ def _in_rectangles(x: np.ndarray, rng: np.random.Generator, fill: Any) -> np.nda
     return out
 
 
+def cosine_fade(rate: float, epochs: int, first_epoch: int = 0) -> Callable[[int], float]:
+    """A degradation share per epoch that fades as a cosine learning rate does: `rate` in
+    `first_epoch`, half of it midway, near 0 in the last of `epochs` epochs. The model learns
+    robustness while its steps are large and settles on mostly clean digits."""
+
+    def rate_of_epoch(epoch: int) -> float:
+        return rate * 0.5 * (1 + np.cos(np.pi * (epoch - first_epoch) / epochs))
+
+    return rate_of_epoch
+
+
 DEGRADATIONS = {
     "noise": _noise,
     "blur": _blur,
@@ -162,7 +174,9 @@ DEGRADATIONS = {
 class SeededBatches(keras.utils.PyDataset):
     """Training batches shuffled, and with `augment` randomly transformed, from a seed.
 
-    Epoch e's order comes from (seed, e) and batch i's transforms from (seed, e, i), not from one
+    `degradation_rate` is a share of images, or a function of the epoch giving one
+    (`cosine_fade`). Epoch e's order comes from (seed, e) and batch i's transforms from
+    (seed, e, i), not from one
     generator drawn in turn: an epoch looks the same whether training started at epoch 0 or
     resumed at e (`first_epoch`), and in whatever order Keras fetches the batches (it fetches
     them ahead, out of order, and two before training to learn their shapes). Keras calls
@@ -177,7 +191,7 @@ class SeededBatches(keras.utils.PyDataset):
         seed: int,
         *,
         augment: bool = True,
-        degradation_rate: float = 0.0,
+        degradation_rate: float | Callable[[int], float] = 0.0,
         first_epoch: int = 0,
     ) -> None:
         super().__init__()
@@ -199,8 +213,10 @@ class SeededBatches(keras.utils.PyDataset):
             return self.x[picks], self.y[picks]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         images = random_affine(self.x[picks], rng)
-        if self.degradation_rate:
-            images = random_degradations(images, rng, self.degradation_rate)
+        rate = self.degradation_rate
+        rate = rate(self.epoch) if callable(rate) else rate
+        if rate:
+            images = random_degradations(images, rng, rate)
         return images, self.y[picks]
 
     def on_epoch_begin(self) -> None:
@@ -218,7 +234,7 @@ def fit_data(
     *,
     data_seed: int | None = None,
     augment: bool = False,
-    degradation_rate: float = 0.0,
+    degradation_rate: float | Callable[[int], float] = 0.0,
     first_epoch: int = 0,
 ) -> dict[str, Any]:
     """`model.fit`'s data arguments: with `data_seed`, `SeededBatches` (numbered from

@@ -74,6 +74,7 @@ class RetrainParams(_Section):
     epochs: PositiveInt
     augment: bool
     degradation_rate: float = Field(ge=0, le=1)
+    degradation_schedule: Literal["constant", "cosine"]
     lr_schedule: Literal["constant", "cosine"]
     label_smoothing: float = Field(ge=0, lt=1)
     test_time_shift: int = Field(ge=0, le=14)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def fit(
     callbacks: list[keras.callbacks.Callback],
     data_seed: int | None = None,
     augment: bool = False,
-    degradation_rate: float = 0.0,
+    degradation_rate: float | Callable[[int], float] = 0.0,
     initial_epoch: int = 0,
 ) -> dict[str, list[float]]:
     """Train on uint8 image arrays for `epochs` epochs; return the per-epoch history.

@@ -93,7 +93,13 @@ def run(
                 callbacks=[EpochMetricsLogger(run_id), checkpoint.callback(i)],
                 data_seed=member_seed,
                 augment=params.augment,
-                degradation_rate=params.degradation_rate,
+                degradation_rate=(
+                    augmentation.cosine_fade(
+                        params.degradation_rate, epochs, first_epoch=i * epochs
+                    )
+                    if params.degradation_schedule == "cosine"
+                    else params.degradation_rate
+                ),
                 initial_epoch=i * epochs + done,
             )
         members.append(member)

@@ -70,10 +70,8 @@ def main() -> None:
         callbacks=[],
         data_seed=args.seed,
         augment=True,
-        degradation_rate=(
-            augmentation.cosine_fade(args.degradation_rate, args.epochs)
-            if args.degradation_schedule == "cosine"
-            else args.degradation_rate
+        degradation_rate=augmentation.scheduled_rate(
+            args.degradation_rate, args.degradation_schedule, args.epochs
         ),
     )
     result = {**vars(args), "train_seconds": round(time.perf_counter() - started, 1)}

@@ -10,6 +10,7 @@ from mnist_mlops.augmentation import (
     SeededBatches,
     cosine_fade,
     random_degradations,
+    scheduled_rate,
 )
 
 
@@ -105,3 +106,9 @@ def test_batches_take_each_epochs_share_from_a_fade():
     assert degraded_share(0) == 0
     assert 0.15 < degraded_share(1) < 0.35
     assert degraded_share(4) > 0.95  # (a chain can leave an image as it was: an erasure on paper)
+
+
+def test_scheduled_rate_is_the_rate_or_its_fade():
+    assert scheduled_rate(0.5, "constant", epochs=30) == 0.5
+    fade = scheduled_rate(0.5, "cosine", epochs=30, first_epoch=30)
+    assert fade(30) == pytest.approx(0.5) and fade(45) == pytest.approx(0.25)

@@ -160,6 +160,14 @@ def cosine_fade(rate: float, epochs: int, first_epoch: int = 0) -> Callable[[int
     return rate_of_epoch
 
 
+def scheduled_rate(
+    rate: float, schedule: str, epochs: int, first_epoch: int = 0
+) -> float | Callable[[int], float]:
+    """`SeededBatches`' degradation_rate for a schedule: "constant" keeps `rate` in every epoch,
+    "cosine" fades it over `epochs` epochs from `first_epoch` (`cosine_fade`)."""
+    return cosine_fade(rate, epochs, first_epoch) if schedule == "cosine" else rate
+
+
 DEGRADATIONS = {
     "noise": _noise,
     "blur": _blur,
@@ -175,12 +183,11 @@ class SeededBatches(keras.utils.PyDataset):
     """Training batches shuffled, and with `augment` randomly transformed, from a seed.
 
     `degradation_rate` is a share of images, or a function of the epoch giving one
-    (`cosine_fade`). Epoch e's order comes from (seed, e) and batch i's transforms from
-    (seed, e, i), not from one
-    generator drawn in turn: an epoch looks the same whether training started at epoch 0 or
-    resumed at e (`first_epoch`), and in whatever order Keras fetches the batches (it fetches
-    them ahead, out of order, and two before training to learn their shapes). Keras calls
-    `on_epoch_begin` once per epoch.
+    (`scheduled_rate`). Epoch e's order comes from (seed, e) and batch i's transforms from
+    (seed, e, i), not from one generator drawn in turn: an epoch looks the same whether training
+    started at epoch 0 or resumed at e (`first_epoch`), and in whatever order Keras fetches the
+    batches (it fetches them ahead, out of order, and two before training to learn their
+    shapes). Keras calls `on_epoch_begin` once per epoch.
     """
 
     def __init__(

@@ -93,12 +93,11 @@ def run(
                 callbacks=[EpochMetricsLogger(run_id), checkpoint.callback(i)],
                 data_seed=member_seed,
                 augment=params.augment,
-                degradation_rate=(
-                    augmentation.cosine_fade(
-                        params.degradation_rate, epochs, first_epoch=i * epochs
-                    )
-                    if params.degradation_schedule == "cosine"
-                    else params.degradation_rate
+                degradation_rate=augmentation.scheduled_rate(
+                    params.degradation_rate,
+                    params.degradation_schedule,
+                    epochs,
+                    first_epoch=i * epochs,
                 ),
                 initial_epoch=i * epochs + done,
             )
